@@ -1,0 +1,246 @@
+"""The trainer: one loop for every mode (pretrain, stage1, stage2), plus the non-loop modes
+(calibrate, eval, pipeline) dispatched from main().
+
+    torchrun --nproc_per_node N -m torchtitan_rtpurbo.train --job.config_file train_configs/debug_model.toml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from models.qwen3 import build_model, get_flavor
+from models.qwen3.parallelize import parallelize_qwen3
+from torchtitan_rtpurbo.checkpoint.manager import CheckpointManager
+from torchtitan_rtpurbo.config import JobConfig, load_job_config
+from torchtitan_rtpurbo.distributed.parallel_dims import ParallelDims
+from torchtitan_rtpurbo.distributed.utils import (
+    all_reduce_sum,
+    clip_grad_norm_,
+    init_distributed,
+    peak_flops,
+    set_determinism,
+)
+from torchtitan_rtpurbo.metrics.logger import MetricLogger, init_logging
+from torchtitan_rtpurbo.optimizer import build_lr_scheduler, build_optimizer
+from torchtitan_rtpurbo.tasks.pretrain import PretrainTask, label_count
+
+logger = logging.getLogger("torchtitan_rtpurbo")
+
+LOOP_MODES = ("pretrain", "stage1", "stage2")
+
+
+def build_task(cfg: JobConfig):
+    mode = cfg.job.mode
+    if mode == "pretrain":
+        return PretrainTask(cfg)
+    if mode == "stage1":
+        from torchtitan_rtpurbo.tasks.stage1 import Stage1Task
+
+        return Stage1Task(cfg)
+    if mode == "stage2":
+        from torchtitan_rtpurbo.tasks.stage2 import Stage2Task
+
+        return Stage2Task(cfg)
+    raise ValueError(f"job.mode {mode!r} is not a training-loop mode ({', '.join(LOOP_MODES)})")
+
+
+def load_base_model(cfg: JobConfig, device: torch.device, vocab_needed: int):
+    """The model the job starts from: an RTPurbo export, a HF checkpoint, or a fresh flavour."""
+    if cfg.model.hf_checkpoint:
+        from models.hf_checkpoint import load_hf_checkpoint
+
+        args, model = load_hf_checkpoint(cfg.model.hf_checkpoint, device=device)
+        args.attn_backend = cfg.model.attn_backend
+        _set_attn_backend(model, cfg.model.attn_backend)
+    else:
+        args = get_flavor(cfg.model.flavor)
+        overrides = {"attn_backend": cfg.model.attn_backend}
+        if cfg.model.vocab_size:
+            overrides["vocab_size"] = cfg.model.vocab_size
+        if cfg.model.max_seq_len:
+            overrides["max_seq_len"] = cfg.model.max_seq_len
+        args = dataclasses.replace(args, **overrides)
+        model = build_model(args, device=device, init=True)
+    if vocab_needed > args.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.model.tokenizer_path} has {vocab_needed} tokens but the model's vocab_size is "
+            f"{args.vocab_size} (set model.vocab_size or use a matching tokenizer)"
+        )
+    return args, model
+
+
+def _set_attn_backend(model, backend: str) -> None:
+    from models.attention import DenseAttention
+
+    for layer in model.layers.values():
+        if isinstance(layer.attention.inner_attention, DenseAttention):
+            layer.attention.inner_attention.backend = backend
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        init_logging(self.rank)
+        set_determinism(cfg.job.seed, cfg.job.deterministic)
+        self.dump = Path(cfg.job.dump_folder)
+        if self.rank == 0:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            (self.dump / "job_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        par = cfg.parallelism
+        self.parallel_dims = ParallelDims(par.data_parallel_replicate_degree, par.data_parallel_shard_degree,
+                                          par.context_parallel_degree, self.world)
+        self.mesh = self.parallel_dims.build_mesh(self.device.type) if self.world > 1 else None
+        dp = self.parallel_dims.dp
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+        from torchtitan_rtpurbo.data import build_dataloader, build_tokenizer
+
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        self.model_args, model = load_base_model(cfg, self.device, self.tokenizer.vocab_size)
+        self.task = build_task(cfg)
+        model = self.task.prepare(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in self.task.trainable_parameters(model))
+        logger.info(f"mode {cfg.job.mode}: model {cfg.model.flavor if not cfg.model.hf_checkpoint else cfg.model.hf_checkpoint}"
+                    f" {n_params / 1e6:.2f}M params ({n_train / 1e6:.3f}M trainable), world {self.world}, "
+                    f"device {self.device}")
+        self.model = parallelize_qwen3(model, self.parallel_dims, self.mesh, cfg, self.device)
+        self.optimizer = build_optimizer(self.task.trainable_parameters(self.model), cfg.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self.dataloader = self.task.build_dataloader(self) if hasattr(self.task, "build_dataloader") else \
+            build_dataloader(cfg.training.dataset, self.tokenizer, seq_len=cfg.training.seq_len,
+                             batch_size=cfg.training.local_batch_size, dp_rank=self.dp_rank, dp_degree=dp,
+                             seed=cfg.job.seed, split=cfg.training.dataset_split)
+        self.checkpointer = CheckpointManager(
+            self.dump / cfg.checkpoint.folder, model=self.model, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, enable=cfg.checkpoint.enable,
+            interval=cfg.checkpoint.interval, async_mode=cfg.checkpoint.async_mode,
+            keep_latest_k=cfg.checkpoint.keep_latest_k,
+        )
+        self.metrics = MetricLogger(self.dump / cfg.metrics.save_tb_folder / cfg.job.mode, self.rank,
+                                    cfg.metrics.enable_tensorboard, self.device, peak_flops(self.device))
+        self.step = 0
+        self.loss_history: list[float] = []
+        if cfg.checkpoint.enable:
+            state = self.checkpointer.load(cfg.checkpoint.load_step)
+            if state is not None:
+                self.step = int(state["step"])
+                logger.info(f"resumed at step {self.step}")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batches: list[dict]) -> dict:
+        cfg = self.cfg
+        dp = self.parallel_dims.dp
+        global_tokens = int(all_reduce_sum(torch.tensor(float(sum(label_count(b) for b in batches)),
+                                                        device=self.device)).item())
+        global_tokens = max(global_tokens, 1)
+        sums: dict[str, torch.Tensor] = {}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            self.device.type == "cuda" and not self.parallel_dims.fsdp_enabled
+            and cfg.training.mixed_precision_param == "bfloat16") else _nullcontext()
+        for batch in batches:
+            with autocast:
+                loss, m = self.task.loss(self.model, batch, global_tokens, len(batches), dp)
+            loss.backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        grad_norm = clip_grad_norm_(self.task.trainable_parameters(self.model), cfg.training.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        out = {}
+        for k, v in sums.items():
+            v = all_reduce_sum(torch.as_tensor(v, device=self.device))
+            out[k] = (v / global_tokens).item() if k.endswith("_sum") else (v / max(self.world, 1)).item()
+        out = {(k[:-4] if k.endswith("_sum") else k): v for k, v in out.items()}
+        out["grad_norm"] = float(grad_norm)
+        out["lr"] = lr
+        out["tokens"] = global_tokens
+        return out
+
+    def train(self) -> list[float]:
+        cfg = self.cfg
+        data_iter = iter(self.dataloader)
+        flops_per_token = self.model_args.flops_per_token(cfg.training.seq_len)
+        self.model.train()
+        logger.info(f"training {cfg.training.steps} steps from step {self.step}")
+        while self.step < cfg.training.steps:
+            batches = [self._to_device(next(data_iter)) for _ in range(cfg.training.gradient_accumulation_steps)]
+            out = self.train_step(batches)
+            self.step += 1
+            self.loss_history.append(out.get("loss", float("nan")))
+            self.metrics.add_tokens(sum(b["input"].numel() for b in batches))
+            if self.step % cfg.metrics.log_freq == 0 or self.step == 1 or self.step == cfg.training.steps:
+                tps, _ = self.metrics.throughput()
+                tokens = out.pop("tokens")
+                self.metrics.log(self.step, {f"{cfg.job.mode}/{k}": v for k, v in out.items()} |
+                                 {"train/label_tokens": float(tokens)}, tps=tps, flops_per_token=flops_per_token)
+            if self.checkpointer.should_save(self.step, self.step == cfg.training.steps):
+                self.checkpointer.save(self.step, {"step": self.step})
+        self.checkpointer.wait()
+        if hasattr(self.task, "finish"):
+            self.task.finish(self)
+        elif cfg.checkpoint.export_hf:
+            self.export_hf(self.dump / cfg.checkpoint.export_folder)
+        self.metrics.close()
+        return self.loss_history
+
+    def full_model_state(self):
+        """Unsharded state dict on every rank (CPU), for export."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def export_hf(self, path: Path) -> None:
+        from models.hf_checkpoint import save_hf_checkpoint
+
+        sd = self.full_model_state()
+        if self.rank == 0:
+            dtype = getattr(torch, self.cfg.checkpoint.export_dtype)
+            plain = build_model(self.model_args, device="cpu", init=False)
+            plain.load_state_dict(sd, strict=False)
+            save_hf_checkpoint(plain, path, dtype=dtype)
+            logger.info(f"exported Hugging Face checkpoint to {path}")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_job_config(argv)
+    mode = cfg.job.mode
+    if mode in LOOP_MODES:
+        trainer = Trainer(cfg)
+        trainer.train()
+    elif mode in ("calibrate", "eval", "pipeline"):
+        from torchtitan_rtpurbo import pipeline
+
+        getattr(pipeline, f"run_{mode}")(cfg)
+    else:
+        raise SystemExit(f"job.mode must be one of pretrain, calibrate, stage1, stage2, eval, pipeline; got {mode!r}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
