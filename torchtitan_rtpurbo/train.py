@@ -114,12 +114,15 @@ class Trainer:
                     f" {n_params / 1e6:.2f}M params ({n_train / 1e6:.3f}M trainable), world {self.world}, "
                     f"device {self.device}")
         self.model = parallelize_qwen3(model, self.parallel_dims, self.mesh, cfg, self.device)
+        pd = self.parallel_dims
+        self.grad_average_factor = pd.dp_shard * pd.cp if pd.fsdp_enabled else 1
         self.optimizer = build_optimizer(self.task.trainable_parameters(self.model), cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.dataloader = self.task.build_dataloader(self) if hasattr(self.task, "build_dataloader") else \
             build_dataloader(cfg.training.dataset, self.tokenizer, seq_len=cfg.training.seq_len,
                              batch_size=cfg.training.local_batch_size, dp_rank=self.dp_rank, dp_degree=dp,
-                             seed=cfg.job.seed, split=cfg.training.dataset_split)
+                             seed=cfg.job.seed, split=cfg.training.dataset_split,
+                             shard_by=cfg.training.dataset_shard_by)
         self.checkpointer = CheckpointManager(
             self.dump / cfg.checkpoint.folder, model=self.model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, enable=cfg.checkpoint.enable,
@@ -152,7 +155,8 @@ class Trainer:
         for batch in batches:
             with autocast:
                 loss, m = self.task.loss(self.model, batch, global_tokens, len(batches), dp)
-            loss.backward()
+            # FSDP averages gradients over its ranks; undo that so gradients are sums over ranks.
+            (loss * self.grad_average_factor).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
         grad_norm = clip_grad_norm_(self.task.trainable_parameters(self.model), cfg.training.max_norm)
@@ -190,6 +194,10 @@ class Trainer:
             if self.checkpointer.should_save(self.step, self.step == cfg.training.steps):
                 self.checkpointer.save(self.step, {"step": self.step})
         self.checkpointer.wait()
+        if self.rank == 0:
+            hist = {"mode": cfg.job.mode, "first_step": self.step - len(self.loss_history) + 1,
+                    "loss": self.loss_history}
+            (self.dump / f"loss_history_{cfg.job.mode}.json").write_text(json.dumps(hist))
         if hasattr(self.task, "finish"):
             self.task.finish(self)
         elif cfg.checkpoint.export_hf:
@@ -210,7 +218,7 @@ class Trainer:
         if self.rank == 0:
             dtype = getattr(torch, self.cfg.checkpoint.export_dtype)
             plain = build_model(self.model_args, device="cpu", init=False)
-            plain.load_state_dict(sd, strict=False)
+            plain.load_state_dict(sd)
             save_hf_checkpoint(plain, path, dtype=dtype)
             logger.info(f"exported Hugging Face checkpoint to {path}")
         if dist.is_initialized():

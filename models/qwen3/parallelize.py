@@ -62,10 +62,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, red
             reshard = reshard_after_forward == "always"
         fully_shard(block, reshard_after_forward=reshard, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward == "always", **kw)
-    if hasattr(model, "set_gradient_divide_factor"):
-        model.set_gradient_divide_factor(1.0)
-    else:  # pragma: no cover - older torch
-        raise RuntimeError("this torch lacks FSDPModule.set_gradient_divide_factor (need torch >= 2.7)")
+    # FSDP averages gradients over its ranks; the trainer multiplies the loss by that rank count so the
+    # result is the sum over ranks of (loss / global label tokens). (set_gradient_divide_factor(1.0) would
+    # do the same but needs PREMUL_SUM, which gloo lacks.)
 
 
 def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, mesh: DeviceMesh | None,

@@ -42,6 +42,9 @@ class Model:
 class Training:
     dataset: str = "stdlib"  # "stdlib", a path/glob of .txt/.jsonl files, or "mix" (stdlib + synthetic tasks)
     dataset_split: str = "train"
+    # How data-parallel ranks split the data: "document" (each rank packs its own documents) or "sample"
+    # (rank r takes packed windows r, r+dp, ...: the global batch is then identical for any dp degree).
+    dataset_shard_by: str = "document"
     synthetic_fraction: float = 0.0  # share of synthetic long-context task samples mixed in
     seq_len: int = 512
     # Packed documents: per-document RoPE positions and a document-causal mask (no attention across EOS).
