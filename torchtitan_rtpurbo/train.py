@@ -53,8 +53,14 @@ def build_task(cfg: JobConfig):
 
 
 def load_base_model(cfg: JobConfig, device: torch.device, vocab_needed: int):
-    """The model the job starts from: an RTPurbo export, a HF checkpoint, or a fresh flavour."""
-    if cfg.model.hf_checkpoint:
+    """The model the job starts from: an RTPurbo export (stage 2 / eval), a HF checkpoint, or a fresh
+    flavour. Returns (args, model, roles or None)."""
+    roles = None
+    if cfg.job.mode == "stage2":
+        from models.rtpurbo.export import load_rtpurbo_checkpoint
+
+        args, model, roles, _ = load_rtpurbo_checkpoint(cfg.rtpurbo.init_checkpoint, device=device)
+    elif cfg.model.hf_checkpoint:
         from models.hf_checkpoint import load_hf_checkpoint
 
         args, model = load_hf_checkpoint(cfg.model.hf_checkpoint, device=device)
@@ -74,7 +80,7 @@ def load_base_model(cfg: JobConfig, device: torch.device, vocab_needed: int):
             f"tokenizer {cfg.model.tokenizer_path} has {vocab_needed} tokens but the model's vocab_size is "
             f"{args.vocab_size} (set model.vocab_size or use a matching tokenizer)"
         )
-    return args, model
+    return args, model, roles
 
 
 def _set_attn_backend(model, backend: str) -> None:
@@ -105,9 +111,11 @@ class Trainer:
         from torchtitan_rtpurbo.data import build_dataloader, build_tokenizer
 
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
-        self.model_args, model = load_base_model(cfg, self.device, self.tokenizer.vocab_size)
+        self.model_args, model, self.rtpurbo_roles = load_base_model(cfg, self.device, self.tokenizer.vocab_size)
         self.task = build_task(cfg)
-        model = self.task.prepare(model)
+        model = self.task.prepare(model, self.tokenizer)
+        if getattr(self.task, "roles", None) is not None:
+            self.rtpurbo_roles = self.task.roles
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in self.task.trainable_parameters(model))
         logger.info(f"mode {cfg.job.mode}: model {cfg.model.flavor if not cfg.model.hf_checkpoint else cfg.model.hf_checkpoint}"
@@ -184,7 +192,7 @@ class Trainer:
             batches = [self._to_device(next(data_iter)) for _ in range(cfg.training.gradient_accumulation_steps)]
             out = self.train_step(batches)
             self.step += 1
-            self.loss_history.append(out.get("loss", float("nan")))
+            self.loss_history.append(out.get(self.task.primary_metric, float("nan")))
             self.metrics.add_tokens(sum(b["input"].numel() for b in batches))
             if self.step % cfg.metrics.log_freq == 0 or self.step == 1 or self.step == cfg.training.steps:
                 tps, _ = self.metrics.throughput()
@@ -239,10 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     if mode in LOOP_MODES:
         trainer = Trainer(cfg)
         trainer.train()
-    elif mode in ("calibrate", "eval", "pipeline"):
+    elif mode in ("calibrate", "eval"):
         from torchtitan_rtpurbo import pipeline
 
         getattr(pipeline, f"run_{mode}")(cfg)
+    elif mode == "pipeline":
+        from torchtitan_rtpurbo.pipeline import run_pipeline
+
+        run_pipeline(cfg, list(sys.argv[1:] if argv is None else argv))
     else:
         raise SystemExit(f"job.mode must be one of pretrain, calibrate, stage1, stage2, eval, pipeline; got {mode!r}")
     if dist.is_initialized():

@@ -18,6 +18,9 @@ class Job:
     # stage1 (train RTPurbo indexers), stage2 (self-distillation), eval (long-context suite),
     # pipeline (calibrate -> stage1 -> stage2 -> eval, the README's main job).
     mode: str = "pretrain"
+    # mode = "pipeline": the stage configs to run in order (each a normal TOML of this schema). Command-line
+    # overrides given to the pipeline apply to every stage.
+    pipeline_stages: list[str] = field(default_factory=list)
     seed: int = 0
     deterministic: bool = False
     print_config: bool = False

@@ -145,6 +145,21 @@ def load_job_config(argv: list[str] | None = None) -> JobConfig:
             else:
                 raise ConfigError(f"command line: '--{section}.{key}' needs a value")
         _apply(cfg, section, key, raw, "command line")
+    return resolve_placeholders(cfg)
+
+
+def resolve_placeholders(cfg: JobConfig) -> JobConfig:
+    """Replace "{dump_folder}" in every string field, so chained stages can name each other's outputs
+    relative to one dump folder that a command-line override can move."""
+    dump = cfg.job.dump_folder
+    for sec in dataclasses.fields(cfg):
+        sec_obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(sec_obj):
+            v = getattr(sec_obj, f.name)
+            if isinstance(v, str) and "{dump_folder}" in v:
+                setattr(sec_obj, f.name, v.replace("{dump_folder}", dump))
+            elif isinstance(v, list) and any(isinstance(x, str) and "{dump_folder}" in x for x in v):
+                setattr(sec_obj, f.name, [x.replace("{dump_folder}", dump) if isinstance(x, str) else x for x in v])
     return cfg
 
 

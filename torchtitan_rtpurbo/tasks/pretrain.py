@@ -31,11 +31,12 @@ class PretrainTask:
     """Next-token cross-entropy (+ the MoE load-balancing loss)."""
 
     name = "pretrain"
+    primary_metric = "loss"
 
     def __init__(self, job_config):
         self.cfg = job_config
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, tokenizer=None) -> nn.Module:
         return model
 
     def trainable_parameters(self, model: nn.Module):
