@@ -12,8 +12,8 @@ NODE_RANK=${NODE_RANK:-0}
 LOG_RANK=${LOG_RANK:-0}
 TRAIN_FILE=${TRAIN_FILE:-"torchtitan_rtpurbo.train"}
 
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  NGPU=${NGPU:-$(python -c "import torch; print(torch.cuda.device_count())")}
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  NGPU=${NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 else
   NGPU=${NGPU:-1}
   # CPU: keep each process to its share of the cores.
@@ -31,6 +31,6 @@ fi
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-"expandable_segments:True"}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
-exec torchrun --nproc_per_node "$NGPU" "${RDZV[@]}" \
+exec python3 -m torch.distributed.run --nproc_per_node "$NGPU" "${RDZV[@]}" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" "$@"

@@ -83,6 +83,31 @@ def load_base_model(cfg: JobConfig, device: torch.device, vocab_needed: int):
     return args, model, roles
 
 
+def build_training_dataloader(cfg: JobConfig, tokenizer, dp_rank: int, dp_degree: int):
+    """The configured corpus, optionally mixed with the synthetic tasks' training split."""
+    from torchtitan_rtpurbo.data import MixtureDataset, StatefulBatchLoader, build_dataloader
+    from torchtitan_rtpurbo.data.synthetic import SyntheticTaskDataset
+
+    t = cfg.training
+    base = build_dataloader(t.dataset, tokenizer, seq_len=t.seq_len, batch_size=t.local_batch_size,
+                            dp_rank=dp_rank, dp_degree=dp_degree, seed=cfg.job.seed, split=t.dataset_split,
+                            shard_by=t.dataset_shard_by)
+    if t.synthetic_fraction <= 0:
+        return base
+    if not 0 < t.synthetic_fraction <= 1:
+        raise ValueError(f"training.synthetic_fraction must be in [0, 1], got {t.synthetic_fraction}")
+    lengths = t.synthetic_lengths or [t.seq_len // 4, t.seq_len // 2, t.seq_len]
+    synthetic = SyntheticTaskDataset(tokenizer, "all", lengths, seq_len=t.seq_len, seed=cfg.job.seed,
+                                     split="train", dp_rank=dp_rank, dp_degree=dp_degree)
+    if t.synthetic_workers > 0:
+        from torchtitan_rtpurbo.data.prefetch import ParallelWindows
+
+        synthetic = ParallelWindows(synthetic, t.synthetic_workers)
+    mix = MixtureDataset([base.dataset, synthetic], [1 - t.synthetic_fraction, t.synthetic_fraction],
+                         seed=cfg.job.seed)
+    return StatefulBatchLoader(mix, t.local_batch_size)
+
+
 def _set_attn_backend(model, backend: str) -> None:
     from models.attention import DenseAttention
 
@@ -108,7 +133,7 @@ class Trainer:
         dp = self.parallel_dims.dp
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
 
-        from torchtitan_rtpurbo.data import build_dataloader, build_tokenizer
+        from torchtitan_rtpurbo.data import build_tokenizer
 
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
         self.model_args, model, self.rtpurbo_roles = load_base_model(cfg, self.device, self.tokenizer.vocab_size)
@@ -127,10 +152,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.task.trainable_parameters(self.model), cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.dataloader = self.task.build_dataloader(self) if hasattr(self.task, "build_dataloader") else \
-            build_dataloader(cfg.training.dataset, self.tokenizer, seq_len=cfg.training.seq_len,
-                             batch_size=cfg.training.local_batch_size, dp_rank=self.dp_rank, dp_degree=dp,
-                             seed=cfg.job.seed, split=cfg.training.dataset_split,
-                             shard_by=cfg.training.dataset_shard_by)
+            build_training_dataloader(cfg, self.tokenizer, self.dp_rank, dp)
         self.checkpointer = CheckpointManager(
             self.dump / cfg.checkpoint.folder, model=self.model, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, dataloader=self.dataloader, enable=cfg.checkpoint.enable,

@@ -101,12 +101,14 @@ qwen3_flavors: dict[str, Qwen3ModelArgs] = {
         num_experts=8, num_experts_per_tok=2, moe_hidden_dim=128, mlp_only_layers=[0],
     ),
     # The project's own teachers (see docs/results.md): tiny ships in the repo; small trains on one H100.
+    # 4.4M params: 8.8 MB in bf16, ships in the repo (assets/teachers/tiny).
     "tiny": Qwen3ModelArgs(
-        vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768,
+        vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
         rope_theta=100_000.0, max_seq_len=4096, tie_embeddings=True,
     ),
+    # 24M params (< 25M so its bf16 checkpoint can travel to the GPU machine), GQA with 4 KV heads.
     "small": Qwen3ModelArgs(
-        vocab_size=4096, dim=512, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=1536,
+        vocab_size=4096, dim=512, n_layers=6, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=1536,
         rope_theta=1_000_000.0, max_seq_len=16384, tie_embeddings=True,
     ),
     "0.6B": Qwen3ModelArgs(**_DENSE_COMMON, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072,

@@ -48,7 +48,11 @@ class Training:
     # How data-parallel ranks split the data: "document" (each rank packs its own documents) or "sample"
     # (rank r takes packed windows r, r+dp, ...: the global batch is then identical for any dp degree).
     dataset_shard_by: str = "document"
-    synthetic_fraction: float = 0.0  # share of synthetic long-context task samples mixed in
+    # Share of training windows drawn from the synthetic long-context tasks' TRAINING split (0 = none);
+    # their labels cover only the answers. Prompt lengths are drawn from synthetic_lengths (tokens).
+    synthetic_fraction: float = 0.0
+    synthetic_lengths: list[int] = field(default_factory=list)  # empty: seq_len/4, seq_len/2, seq_len
+    synthetic_workers: int = 0  # >0: build synthetic windows in that many worker processes (same stream)
     seq_len: int = 512
     # Packed documents: per-document RoPE positions and a document-causal mask (no attention across EOS).
     document_mask: bool = True

@@ -112,15 +112,12 @@ class Stage2Task:
         return {"labels": labels, "t_logp": F.log_softmax(sel, -1).to(torch.bfloat16).cpu()}
 
     def build_dataloader(self, trainer):
-        from torchtitan_rtpurbo.data import build_dataloader
+        from torchtitan_rtpurbo.train import build_training_dataloader
 
         cfg = trainer.cfg
 
         def make_base():
-            return build_dataloader(cfg.training.dataset, trainer.tokenizer, seq_len=cfg.training.seq_len,
-                                    batch_size=cfg.training.local_batch_size, dp_rank=trainer.dp_rank,
-                                    dp_degree=trainer.parallel_dims.dp, seed=cfg.job.seed,
-                                    split=cfg.training.dataset_split, shard_by=cfg.training.dataset_shard_by)
+            return build_training_dataloader(cfg, trainer.tokenizer, trainer.dp_rank, trainer.parallel_dims.dp)
 
         n = cfg.training.steps * cfg.training.gradient_accumulation_steps
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if trainer.device.type == "cuda"
