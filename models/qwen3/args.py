@@ -46,7 +46,7 @@ class Qwen3ModelArgs:
     attn_backend: str = "sdpa"
     # Token ids the tokenizer uses (for document masks / generation)
     eos_id: int = 2
-    # Which HF architecture this came from (for export): "qwen3", "qwen3_moe", "llama", "qwen2"
+    # Which HF architecture this came from (for export): "qwen3", "qwen3_moe", "llama", "qwen2", "mistral"
     hf_model_type: str = "qwen3"
 
     def is_moe_layer(self, layer_id: int) -> bool:

@@ -12,11 +12,15 @@ import multiprocessing as mp
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 _SOURCE: Any = None  # set in the parent before the fork; workers inherit it
 
 
 def _build_window(w: int):
-    return _SOURCE.window(w)
+    # numpy, not tensors: torch would send tensors through shared-memory file descriptors, and a long run
+    # exhausts them ("received 0 items of ancdata").
+    return {k: v.numpy() for k, v in _SOURCE.window(w).items()}
 
 
 class ParallelWindows:
@@ -49,4 +53,4 @@ class ParallelWindows:
 
             for sample in pool.imap(_build_window, indices(), chunksize=self.chunksize):
                 src._windows_yielded += 1
-                yield sample
+                yield {k: torch.from_numpy(v) for k, v in sample.items()}
