@@ -159,7 +159,9 @@ class Eval:
     samples_per_task: int = 8
     tasks: list[str] = field(default_factory=lambda: ["all"])
     seed: int = 1234
-    max_new_tokens: int = 8
+    max_new_tokens: int = 0  # 0: the answer's own token count + a margin
+    # Models of the comparison to leave out: dense is always run; streaming, duo, topk, rtpurbo_s1.
+    skip_models: list[str] = field(default_factory=list)
 
 
 @dataclass
