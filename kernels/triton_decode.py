@@ -1,0 +1,793 @@
+"""Triton decode kernels for RTPurbo (one query token per sequence).
+
+Called through kernels/sparse_decode.py, which validates arguments and owns the references; the
+contracts (shapes, kept sets, top-p rule) are documented there. Measurements: docs/kernels.md.
+
+Kernels (launches of one layer step with the defaults: score, select, retrieval, its merge on the
+main stream; local and its merge on a side stream)
+  _indexer_select_kernel  grid (chunks, B*Hr). Each program scores BPC key blocks with the 16-d
+      indexer and writes one log-sum-exp per block and one per chunk. With fused_select the last
+      program of a head to finish (atomic counter) runs the top-p search for the head; by default
+      _select_kernel does it in a second, wider launch (faster: measured).
+  top-p search (_select_head): block mass w_b = exp(lse_b - Z) >= 0, so the float32 bit pattern of
+      w_b orders blocks exactly like w_b. We search the largest bit pattern t with
+      F(t) = sum_{w_b >= t} w_b >= p: each round shrinks the interval to the data inside it and
+      evaluates F at `search_arity` thresholds (arity 1 = bisection). Blocks above t are kept,
+      blocks equal to t (ties) in index order until the mass reaches p. Before searching, blocks
+      that cannot be kept (mass under (1-p)/(2(nb+1))) are pruned, exactly (see _select_head).
+      The last pass writes the block mask and the compacted list of blocks the attention visits
+      (top-p blocks plus blocks holding sink or window tokens). No sort; O(1) extra memory.
+  _retrieval_attn_kernel  grid (splits, B*Hr): flash-decoding over the kept-block list, split
+      evenly over `splits` programs so that one long sequence fills the GPU; the partial
+      (max, sum, acc) are merged by _combine_kernel (or, fused_reduction, by the last program).
+  _local_attn_kernel  grid (splits, B*Hkv_local): all query heads of one KV head at once (tl.dot,
+      the KV tile is read once per group), sinks + ring buffer split over programs, same merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+_F32_INF_BITS = 0x7F800000  # bit pattern of +inf: above every finite non-negative float32
+
+
+@dataclass(frozen=True)
+class TritonDecodeConfig:
+    """Launch knobs of the decode kernels (defaults chosen by measurement, see docs/kernels.md)."""
+
+    fused_select: bool = False  # top-p search in the last scoring program instead of a 2nd launch
+    fused_reduction: bool = False  # split-K merge in the last program (atomic counter)
+    search_arity: int = 4  # thresholds per pass of the top-p search (power of 2; 1 = bisection)
+    overlap_local: bool = True  # CUDA: local heads on a side stream, beside select + retrieval
+    select_tile: int = 512  # block masses per tile of the fused search (4 warps)
+    select_wide_tile: int = 4096  # separate select kernel tile; fewer blocks stay in registers
+    select_num_warps: int = 16  # max warps of the separate select kernel (4096 x 2 values fit)
+    score_num_warps: int = 4  # warps of the indexer scoring kernel
+    select_max_2d: int = 16384  # threshold x tile elements evaluated as one 2-D reduction
+    score_blocks_per_cta: int = 8  # key blocks scored by one program of the indexer kernel
+    num_splits: Optional[int] = None  # retrieval split-K programs per head (None: fill the GPU)
+    local_num_splits: Optional[int] = None  # local split-K programs per KV head (None: fill)
+    local_tile: int = 64  # ring tokens per tile of the local kernel
+    max_splits: int = 64
+    num_warps: int = 4
+
+
+DEFAULT_CONFIG = TritonDecodeConfig()
+
+
+@dataclass
+class SelectResult:
+    block_mask: torch.Tensor  # [B, Hr, nB] bool, top-p blocks only
+    kept_idx: torch.Tensor  # [B*Hr, nB] int32, first kept_count entries: blocks to visit, ascending
+    kept_count: torch.Tensor  # [B*Hr] int32
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _append_kept(idx_row, blk, sel, in_range, cnt, n_sink, win_lo, BS: tl.constexpr):
+    """Append the blocks that the attention must visit (top-p, or holding sink/window tokens).
+    Window tokens are [win_lo, L); in_range implies the block starts below L."""
+    start = blk * BS
+    forced = (start < n_sink) | (start + BS > win_lo)
+    keep = in_range & (sel | forced)
+    k32 = keep.to(tl.int32)
+    pos = cnt + tl.cumsum(k32, 0) - 1
+    tl.store(idx_row + pos, blk, mask=keep)
+    return cnt + tl.sum(k32, 0)
+
+
+@triton.jit
+def _block_mass(lse_row, blk, nb, Z):
+    in_range = blk < nb
+    lse = tl.load(lse_row + blk, mask=in_range, other=float("-inf"), cache_modifier=".cg")
+    w = tl.where(in_range, tl.exp(lse - Z), 0.0)
+    return w, w.to(tl.int32, bitcast=True), in_range
+
+
+@triton.jit
+def _interval_bounds(bits, in_range, lo, hi):
+    """Smallest and largest bit pattern inside [lo, hi) (INT_MAX / -1 when none)."""
+    inside = in_range & (bits >= lo) & (bits < hi)
+    return (tl.min(tl.where(inside, bits, 0x7FFFFFFF), 0),
+            tl.max(tl.where(inside, bits, -1), 0))
+
+
+@triton.jit
+def _threshold_mass(bits, w, lo, step, K: tl.constexpr, TILE: tl.constexpr,
+                    MAX_2D: tl.constexpr):
+    """F(t_j) = sum of w over bits >= t_j, t_j = lo + (j + 1) step, j < K, as a [K] vector."""
+    kk = tl.arange(0, K)
+    if K * TILE <= MAX_2D:  # one 2-D reduction
+        t = lo + (kk + 1) * step
+        F = tl.sum(tl.where(bits[None, :] >= t[:, None], w[None, :], 0.0), 1)
+    else:  # big register-resident tiles: K 1-D reductions keep register use flat
+        F = tl.zeros([K], tl.float32)
+        for j in tl.static_range(K):
+            fj = tl.sum(tl.where(bits >= lo + (j + 1) * step, w, 0.0), 0)
+            F = tl.where(kk == j, fj, F)
+    return F
+
+
+@triton.jit
+def _search_step(F, lo, hi, step, top_p, K: tl.constexpr):
+    """Move [lo, hi) to the pair of neighbouring thresholds around the top-p crossing."""
+    t = lo + (tl.arange(0, K) + 1) * step
+    live = t < hi
+    ok = live & (F >= top_p)
+    bad = live & (~(F >= top_p))  # NaN counts as "not reached": the search always moves
+    lo = tl.maximum(lo, tl.max(tl.where(ok, t, lo), 0))
+    hi = tl.minimum(hi, tl.min(tl.where(bad, t, hi), 0))
+    return lo, hi
+
+
+@triton.jit
+def _shrink(lo, hi, mn, mx):
+    """[lo, hi) -> [min, max + 1) of the data inside it (no block in between: F unchanged)."""
+    empty = mx < 0
+    return tl.where(empty, lo, mn), tl.where(empty, lo + 1, mx + 1)
+
+
+@triton.jit
+def _search_regs(bits, w, valid, lo, hi, top_p, K: tl.constexpr, TILE: tl.constexpr,
+                 MAX_2D: tl.constexpr):
+    """Threshold search over masses held in registers (one tile)."""
+    while hi - lo > 1:
+        mn, mx = _interval_bounds(bits, valid, lo, hi)
+        lo, hi = _shrink(lo, hi, mn, mx)
+        if hi - lo > 1:
+            step = (hi - lo + K) // (K + 1)
+            F = _threshold_mass(bits, w, lo, step, K, TILE, MAX_2D)
+            lo, hi = _search_step(F, lo, hi, step, top_p, K)
+    return lo, hi
+
+
+@triton.jit
+def _search_tiles(lse_row, nb, Z, lo, hi, top_p, K: tl.constexpr, TILE: tl.constexpr,
+                  MAX_2D: tl.constexpr):
+    """Threshold search streaming every block's LSE from L2 on each pass (any block count)."""
+    offs = tl.arange(0, TILE)
+    while hi - lo > 1:
+        mn = tl.full([], 0x7FFFFFFF, tl.int32)
+        mx = tl.full([], -1, tl.int32)
+        for b0 in range(0, nb, TILE):
+            w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+            a, c = _interval_bounds(bits, in_range, lo, hi)
+            mn = tl.minimum(mn, a)
+            mx = tl.maximum(mx, c)
+        lo, hi = _shrink(lo, hi, mn, mx)
+        if hi - lo > 1:
+            step = (hi - lo + K) // (K + 1)
+            F = tl.zeros([K], tl.float32)
+            for b0 in range(0, nb, TILE):
+                w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+                F += _threshold_mass(bits, w, lo, step, K, TILE, MAX_2D)
+            lo, hi = _search_step(F, lo, hi, step, top_p, K)
+    return lo, hi
+
+
+@triton.jit
+def _select_head(lse_row, chunk_row, n_chunks, mask_row, idx_row, cnt_ptr, L, n_blocks, top_p,
+                 window, sinks, BS: tl.constexpr, SEARCH_K: tl.constexpr, TILE: tl.constexpr,
+                 RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+    """Top-p over one head's blocks from their LSEs; writes mask row, kept list and count.
+    RESIDENT: all n_blocks fit one TILE, so the masses stay in registers during the search.
+    Otherwise the blocks that can matter are gathered first (see the pruning note below)."""
+    offs = tl.arange(0, TILE)
+    # normaliser Z = logsumexp of the chunk LSEs (loads bypass L1: other programs wrote them)
+    M = tl.full([], float("-inf"), tl.float32)
+    for c0 in range(0, n_chunks, TILE):
+        x = tl.load(chunk_row + c0 + offs, mask=c0 + offs < n_chunks, other=float("-inf"),
+                    cache_modifier=".cg")
+        M = tl.maximum(M, tl.max(x, 0))
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    S = tl.zeros([], tl.float32)
+    for c0 in range(0, n_chunks, TILE):
+        x = tl.load(chunk_row + c0 + offs, mask=c0 + offs < n_chunks, other=float("-inf"),
+                    cache_modifier=".cg")
+        S += tl.sum(tl.exp(x - M_safe), 0)
+    Z = M_safe + tl.log(S)
+    nb = (L + BS - 1) // BS
+
+    # Search on the bit pattern with F(x) = sum of w over bits >= x. Invariant: F(hi) < p and
+    # F(lo) >= p (unless no threshold reaches p: then everything is kept). Each round first
+    # shrinks [lo, hi) to the data inside it, stopping once one distinct value is left, then
+    # evaluates F at SEARCH_K thresholds inside. p <= 0 keeps nothing, p = inf everything.
+    lo = tl.where(top_p <= 0.0, 0x7F7FFFFF, 0)
+    hi = tl.where(top_p > 3.0e38, 1, 0x7F800000)
+    if RESIDENT:
+        w_r, bits_r, in_r = _block_mass(lse_row, offs, nb, Z)
+        lo, hi = _search_regs(bits_r, w_r, in_r, lo, hi, top_p, SEARCH_K, TILE, MAX_2D)
+    elif hi - lo > 1:
+        # Pruning: the kept set S is minimal, so F(S) - v < p for its smallest mass v, and
+        # F(S) >= 1 - nb * v; hence v > (1 - p) / (nb + 1). Blocks under half that bound are
+        # dropped, the rest gathered (their indices go to idx_row, overwritten later). Exact:
+        # if the candidates' mass reaches p, F over all blocks equals F over the candidates at
+        # every threshold the search can end on; otherwise search all blocks.
+        tau = 0.5 * (1.0 - top_p) / (nb + 1).to(tl.float32)
+        n_cand = tl.zeros([], tl.int32)
+        F_cand = tl.zeros([], tl.float32)
+        for b0 in range(0, nb, TILE):
+            blk = b0 + offs
+            w, bits, in_range = _block_mass(lse_row, blk, nb, Z)
+            cand = in_range & (w > tau)
+            c32 = cand.to(tl.int32)
+            tl.store(idx_row + n_cand + tl.cumsum(c32, 0) - 1, blk, mask=cand)
+            n_cand += tl.sum(c32, 0)
+            F_cand += tl.sum(tl.where(cand, w, 0.0), 0)
+        if (n_cand <= TILE) & (F_cand >= top_p):
+            tl.debug_barrier()  # candidate indices were stored by other threads of this program
+            cm = offs < n_cand
+            ci = tl.load(idx_row + offs, mask=cm, other=0, cache_modifier=".cg")
+            lse_c = tl.load(lse_row + ci, mask=cm, other=float("-inf"), cache_modifier=".cg")
+            w_c = tl.where(cm, tl.exp(lse_c - Z), 0.0)
+            lo, hi = _search_regs(w_c.to(tl.int32, bitcast=True), w_c, cm, lo, hi, top_p,
+                                  SEARCH_K, TILE, MAX_2D)
+        else:
+            lo, hi = _search_tiles(lse_row, nb, Z, lo, hi, top_p, SEARCH_K, TILE, MAX_2D)
+        tl.debug_barrier()  # the candidate list is read before the kept list overwrites it
+
+    # [lo, hi) now holds one mass value: blocks above are kept, ties at it in index order
+    F_hi = tl.zeros([], tl.float32)
+    for b0 in range(0, nb, TILE):
+        w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+        F_hi += tl.sum(tl.where(bits >= hi, w, 0.0), 0)
+    need = top_p - F_hi
+
+    n_sink = tl.minimum(sinks, L)
+    win_lo = tl.where(window > 0, tl.maximum(L - window, 0), L)  # empty window: [L, L)
+    tie_before = tl.zeros([], tl.float32)
+    cnt = tl.zeros([], tl.int32)
+    for b0 in range(0, n_blocks, TILE):
+        blk = b0 + offs
+        w, bits, in_range = _block_mass(lse_row, blk, nb, Z)
+        tie = in_range & (bits >= lo) & (bits < hi)
+        tie_w = tl.where(tie, w, 0.0)
+        before = tie_before + tl.cumsum(tie_w, 0) - tie_w
+        sel = in_range & ((bits >= hi) | (tie & (before < need)))
+        tie_before += tl.sum(tie_w, 0)
+        tl.store(mask_row + blk, sel.to(tl.uint8), mask=blk < n_blocks)
+        cnt = _append_kept(idx_row, blk, sel, in_range, cnt, n_sink, win_lo, BS)
+    tl.store(cnt_ptr, cnt)
+
+
+@triton.jit
+def _combine_row(pm_row, pl_row, pacc_row, out_row, D, NS: tl.constexpr, NS_PAD: tl.constexpr,
+                 D_PAD: tl.constexpr):
+    """Merge NS partial (max, sum, acc) of one output row and store it."""
+    sp = tl.arange(0, NS_PAD)
+    spm = sp < NS
+    ms = tl.load(pm_row + sp, mask=spm, other=float("-inf"), cache_modifier=".cg")
+    ls = tl.load(pl_row + sp, mask=spm, other=0.0, cache_modifier=".cg")
+    M = tl.max(ms, 0)
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    wgt = tl.exp(ms - M_safe)
+    den = tl.sum(wgt * ls, 0)
+    d = tl.arange(0, D_PAD)
+    acc = tl.load(pacc_row + sp[:, None] * D_PAD + d[None, :], mask=spm[:, None], other=0.0,
+                  cache_modifier=".cg")
+    num = tl.sum(wgt[:, None] * acc, 0)
+    out = tl.where(den > 0, num / den, 0.0)
+    tl.store(out_row + d, out.to(out_row.dtype.element_ty), mask=d < D)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _indexer_select_kernel(qi_ptr, ki_ptr, lens_ptr, lse_ptr, chunk_ptr, counter_ptr, mask_ptr,
+                           idx_ptr, cnt_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, H, n_blocks, n_chunks,
+                           top_p, window, sinks, R, BS: tl.constexpr, BPC: tl.constexpr,
+                           R_PAD: tl.constexpr, FUSED: tl.constexpr, SEARCH_K: tl.constexpr,
+                           TILE: tl.constexpr, RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+    pid_c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    L = tl.load(lens_ptr + b).to(tl.int32)
+    blk = pid_c * BPC + tl.arange(0, BPC)
+    tok = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [BPC, BS]
+    r = tl.arange(0, R_PAD)
+    valid = tok < L
+    qi = tl.load(qi_ptr + b * s_qb + h * s_qh + r, mask=r < R, other=0.0).to(tl.float32)
+    kp = (ki_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+          + tok[:, :, None].to(tl.int64) * s_kl + r[None, None, :])
+    k = tl.load(kp, mask=valid[:, :, None] & (r < R)[None, None, :], other=0.0).to(tl.float32)
+    s = tl.where(valid, tl.sum(k * qi[None, None, :], 2), float("-inf"))  # [BPC, BS]
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lsum = tl.sum(tl.exp(s - m_safe[:, None]), 1)
+    lse = tl.where(lsum > 0, m_safe + tl.log(lsum), float("-inf"))
+    tl.store(lse_ptr + bh * n_blocks + blk, lse, mask=blk < n_blocks)
+    mc = tl.max(lse, 0)
+    mc_safe = tl.where(mc == float("-inf"), 0.0, mc)
+    lc = tl.sum(tl.exp(lse - mc_safe), 0)
+    tl.store(chunk_ptr + bh * n_chunks + pid_c, tl.where(lc > 0, mc_safe + tl.log(lc),
+                                                         float("-inf")))
+    if FUSED:
+        tl.debug_barrier()  # every thread's stores precede the (releasing) counter increment
+        done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if done == n_chunks - 1:
+            _select_head(lse_ptr + bh * n_blocks, chunk_ptr + bh * n_chunks, n_chunks,
+                         mask_ptr + bh * n_blocks, idx_ptr + bh * n_blocks, cnt_ptr + bh, L,
+                         n_blocks, top_p, window, sinks, BS, SEARCH_K, TILE, RESIDENT, MAX_2D)
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _select_kernel(lse_ptr, chunk_ptr, lens_ptr, mask_ptr, idx_ptr, cnt_ptr, H, n_blocks,
+                   n_chunks, top_p, window, sinks, BS: tl.constexpr, SEARCH_K: tl.constexpr,
+                   TILE: tl.constexpr, RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+    bh = tl.program_id(0)
+    L = tl.load(lens_ptr + bh // H).to(tl.int32)
+    _select_head(lse_ptr + bh * n_blocks, chunk_ptr + bh * n_chunks, n_chunks,
+                 mask_ptr + bh * n_blocks, idx_ptr + bh * n_blocks, cnt_ptr + bh, L, n_blocks,
+                 top_p, window, sinks, BS, SEARCH_K, TILE, RESIDENT, MAX_2D)
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _compact_kernel(mask_ptr, lens_ptr, idx_ptr, cnt_ptr, H, n_blocks, window, sinks,
+                    BS: tl.constexpr, TILE: tl.constexpr):
+    """Kept-block list from a given top-p mask (for retrieval_decode called on its own)."""
+    bh = tl.program_id(0)
+    L = tl.load(lens_ptr + bh // H).to(tl.int32)
+    nb = (L + BS - 1) // BS
+    n_sink = tl.minimum(sinks, L)
+    win_lo = tl.where(window > 0, tl.maximum(L - window, 0), L)
+    offs = tl.arange(0, TILE)
+    cnt = tl.zeros([], tl.int32)
+    for b0 in range(0, n_blocks, TILE):
+        blk = b0 + offs
+        in_range = blk < nb
+        sel = tl.load(mask_ptr + bh * n_blocks + blk, mask=in_range, other=0) != 0
+        cnt = _append_kept(idx_ptr + bh * n_blocks, blk, sel, in_range, cnt, n_sink, win_lo, BS)
+    tl.store(cnt_ptr + bh, cnt)
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _retrieval_attn_kernel(q_ptr, k_ptr, v_ptr, kvh_ptr, qh_ptr, lens_ptr, mask_ptr, idx_ptr,
+                           cnt_ptr, pm_ptr, pl_ptr, pacc_ptr, counter_ptr, out_ptr, s_qb, s_qh,
+                           s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, H, n_blocks, D, scale,
+                           window, sinks, BS: tl.constexpr, D_PAD: tl.constexpr,
+                           NS: tl.constexpr, NS_PAD: tl.constexpr, FUSED: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    L = tl.load(lens_ptr + b).to(tl.int32)
+    kvh = tl.load(kvh_ptr + h)
+    qh = tl.load(qh_ptr + h)
+    cnt = tl.load(cnt_ptr + bh)
+    per = (cnt + NS - 1) // NS
+    i0 = split * per
+    i1 = tl.minimum(i0 + per, cnt)
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    q = tl.load(q_ptr + b * s_qb + qh * s_qh + d, mask=dm, other=0.0).to(tl.float32) * scale
+    kbase = k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    vbase = v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh
+    win_lo = L - window
+    m = tl.full([], float("-inf"), tl.float32)
+    lsum = tl.zeros([], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for i in range(i0, i1):
+        blk = tl.load(idx_ptr + bh * n_blocks + i)
+        sel = tl.load(mask_ptr + bh * n_blocks + blk).to(tl.int32)
+        t = blk * BS + tl.arange(0, BS)
+        # broadcast the block's top-p bit as a vector (the interpreter mistypes scalar | vector)
+        keep = (t < L) & ((t * 0 + sel != 0) | (t < sinks) | (t >= win_lo))
+        lm = keep[:, None] & dm[None, :]
+        k = tl.load(kbase + t[:, None].to(tl.int64) * s_kl + d[None, :], mask=lm, other=0.0)
+        v = tl.load(vbase + t[:, None].to(tl.int64) * s_vl + d[None, :], mask=lm, other=0.0)
+        s = tl.where(keep, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe)
+        lsum = lsum * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m = m_new
+    if NS == 1:
+        o = tl.where(lsum > 0, acc / lsum, 0.0)
+        tl.store(out_ptr + b * s_ob + qh * s_oh + d, o.to(out_ptr.dtype.element_ty), mask=dm)
+    else:
+        row = bh * NS + split
+        tl.store(pm_ptr + row, m)
+        tl.store(pl_ptr + row, lsum)
+        tl.store(pacc_ptr + row * D_PAD + d, acc)
+        if FUSED:
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if done == NS - 1:
+                _combine_row(pm_ptr + bh * NS, pl_ptr + bh * NS, pacc_ptr + bh * NS * D_PAD,
+                             out_ptr + b * s_ob + qh * s_oh, D, NS, NS_PAD, D_PAD)
+
+
+@triton.jit
+def _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr):
+    """One KV tile for a group of query heads: q [GP, D], k/v [N, D], keep [N]."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keep[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, lsum, acc
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _local_attn_kernel(q_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, heads_ptr, lens_ptr, pm_ptr, pl_ptr,
+                       pacc_ptr, counter_ptr, out_ptr, s_qb, s_qh, s_skb, s_skh, s_skl, s_svb,
+                       s_svh, s_svl, s_rkb, s_rkh, s_rkl, s_rvb, s_rvh, s_rvl, s_ob, s_oh, HKV, W,
+                       D, scale, window, sinks, GP: tl.constexpr, BN: tl.constexpr,
+                       SP: tl.constexpr, D_PAD: tl.constexpr, NS: tl.constexpr,
+                       NS_PAD: tl.constexpr, FUSED: tl.constexpr, IEEE: tl.constexpr):
+    split = tl.program_id(0)
+    bk = tl.program_id(1)
+    b = bk // HKV
+    kvh = bk % HKV
+    L = tl.load(lens_ptr + b).to(tl.int32)
+    n_sink = tl.minimum(sinks, L)
+    w_lo = tl.maximum(L - window, n_sink)  # first window token; tokens < n_sink come from sinks
+    n_win = tl.maximum(L - w_lo, 0)
+    n_tiles = (n_win + BN - 1) // BN
+    per = (n_tiles + NS - 1) // NS
+    j0 = split * per
+    j1 = tl.minimum(j0 + per, n_tiles)
+
+    g = tl.arange(0, GP)
+    heads = tl.load(heads_ptr + kvh * GP + g)  # query head index, -1 for padding rows
+    hm = heads >= 0
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :],
+                mask=hm[:, None] & dm[None, :], other=0.0).to(rk_ptr.dtype.element_ty)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    lsum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D_PAD], tl.float32)
+
+    if (split == 0) & (n_sink > 0):
+        ts = tl.arange(0, SP)
+        keep = ts < n_sink
+        lm = keep[:, None] & dm[None, :]
+        k = tl.load(sk_ptr + b.to(tl.int64) * s_skb + kvh * s_skh + ts[:, None] * s_skl
+                    + d[None, :], mask=lm, other=0.0)
+        v = tl.load(sv_ptr + b.to(tl.int64) * s_svb + kvh * s_svh + ts[:, None] * s_svl
+                    + d[None, :], mask=lm, other=0.0)
+        m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
+
+    rk = rk_ptr + b.to(tl.int64) * s_rkb + kvh.to(tl.int64) * s_rkh
+    rv = rv_ptr + b.to(tl.int64) * s_rvb + kvh.to(tl.int64) * s_rvh
+    for j in range(j0, j1):
+        t = w_lo + j * BN + tl.arange(0, BN)
+        keep = t < L
+        slot = (t % W).to(tl.int64)
+        lm = keep[:, None] & dm[None, :]
+        k = tl.load(rk + slot[:, None] * s_rkl + d[None, :], mask=lm, other=0.0)
+        v = tl.load(rv + slot[:, None] * s_rvl + d[None, :], mask=lm, other=0.0)
+        m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
+
+    if NS == 1:
+        o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
+        tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+    else:
+        rows = (bk * GP + g) * NS + split
+        tl.store(pm_ptr + rows, m)
+        tl.store(pl_ptr + rows, lsum)
+        tl.store(pacc_ptr + rows[:, None] * D_PAD + d[None, :], acc)
+        if FUSED:
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + bk, 1, sem="acq_rel", scope="gpu")
+            if done == NS - 1:
+                for gi in range(GP):
+                    head = tl.load(heads_ptr + kvh * GP + gi)
+                    if head >= 0:
+                        row0 = (bk * GP + gi) * NS
+                        _combine_row(pm_ptr + row0, pl_ptr + row0, pacc_ptr + row0 * D_PAD,
+                                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+
+
+@triton.jit
+def _combine_kernel(pm_ptr, pl_ptr, pacc_ptr, heads_ptr, out_ptr, s_ob, s_oh, HK, D,
+                    GP: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
+                    D_PAD: tl.constexpr):
+    """Second-launch merge of split partials: one program per (batch, kv/retrieval head, row)."""
+    row = tl.program_id(0)
+    bk = row // GP
+    gi = row % GP
+    b = bk // HK
+    head = tl.load(heads_ptr + (bk % HK) * GP + gi)
+    if head >= 0:
+        _combine_row(pm_ptr + row * NS, pl_ptr + row * NS, pacc_ptr + row * NS * D_PAD,
+                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+_index_cache: dict = {}
+_sm_cache: dict = {}
+
+
+def _index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Static head maps as int32 device tensors, cached so CUDA-graph replays reuse them."""
+    key = (tuple(int(v) for v in values), str(device))
+    t = _index_cache.get(key)
+    if t is None:
+        t = torch.tensor(key[0], dtype=torch.int32, device=device)
+        _index_cache[key] = t
+    return t
+
+
+def _interpreting() -> bool:
+    """True when these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return not isinstance(_local_attn_kernel, triton.runtime.JITFunction)
+
+
+def interpreter_ready() -> bool:
+    """True when these kernels and triton's own library both run in the CPU interpreter."""
+    import triton.language.standard as std
+
+    return _interpreting() and not isinstance(std.sum, triton.runtime.JITFunction)
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _side_streams:
+        _side_streams[idx] = torch.cuda.Stream(device=idx)
+    return _side_streams[idx]
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small grids keep the CPU tests fast
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_cache:
+        _sm_cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_cache[idx]
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _auto_splits(requested: Optional[int], rows: int, max_items: int, cfg: TritonDecodeConfig,
+                 device: torch.device) -> int:
+    if requested is not None:
+        ns = requested
+    else:  # ~4 programs per SM in total, but not more splits than there are tiles of work
+        ns = -(-4 * _num_sms(device) // max(rows, 1))
+    return int(max(1, min(ns, cfg.max_splits, max(max_items, 1))))
+
+
+def _lens_i32(cache_lens: torch.Tensor) -> torch.Tensor:
+    return cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
+
+
+def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks,
+                                config: Optional[TritonDecodeConfig] = None,
+                                counters: Optional[torch.Tensor] = None,
+                                _scores_only: bool = False) -> SelectResult:
+    """_scores_only (benchmarks): run only the indexer scoring pass; the mask is left unset."""
+    cfg = config or DEFAULT_CONFIG
+    B, Hr, R = qi.shape
+    L = ki_cache.shape[2]
+    dev = qi.device
+    nb = -(-L // block_size)
+    if ki_cache.stride(3) != 1:
+        ki_cache = ki_cache.contiguous()
+    if qi.stride(2) != 1:
+        qi = qi.contiguous()
+    bpc = min(cfg.score_blocks_per_cta, _pow2(nb))
+    n_chunks = -(-nb // bpc)
+    rows = B * Hr
+    lse = torch.empty((rows, nb), dtype=torch.float32, device=dev)
+    chunk = torch.empty((rows, n_chunks), dtype=torch.float32, device=dev)
+    mask = torch.empty((B, Hr, nb), dtype=torch.uint8, device=dev)
+    kept_idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
+    kept_cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+    # top_p >= 1 keeps every valid block: an unreachable target does exactly that
+    p_eff = float("inf") if top_p >= 1.0 else max(float(top_p), 0.0)
+    lens = _lens_i32(cache_lens)
+    if rows == 0 or nb == 0:
+        return SelectResult(mask.zero_().view(torch.bool), kept_idx, kept_cnt.zero_())
+    fused = cfg.fused_select and not _scores_only
+    if fused and counters is None:
+        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    # fused: the search runs in one program of the (4-warp) scoring kernel; separate: in one wide
+    # program per head, all blocks in registers when they fit one tile
+    tile = min(cfg.select_tile if fused else cfg.select_wide_tile, _pow2(nb))
+    _indexer_select_kernel[(n_chunks, rows)](
+        qi, ki_cache, lens, lse, chunk, counters if fused else lens, mask, kept_idx,
+        kept_cnt, qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1),
+        ki_cache.stride(2), Hr, nb, n_chunks, p_eff, window, sinks, R, BS=block_size, BPC=bpc,
+        R_PAD=_pow2(R), FUSED=fused, SEARCH_K=cfg.search_arity, TILE=tile,
+        RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d, num_warps=cfg.score_num_warps)
+    if not fused and not _scores_only:
+        _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, Hr, nb, n_chunks, p_eff,
+                                window, sinks, BS=block_size, SEARCH_K=cfg.search_arity, TILE=tile,
+                                RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d,
+                                # small tiles: fewer warps make each block-wide reduction cheaper
+                                num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
+    return SelectResult(mask.view(torch.bool), kept_idx, kept_cnt)
+
+
+def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens, *,
+                            window, sinks, block_size, scale=None,
+                            config: Optional[TritonDecodeConfig] = None,
+                            kept: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
+                            q_heads: Optional[Sequence[int]] = None,
+                            counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Retrieval decode. `q_heads[h]` is retrieval head h's row in q_r and in `out` (default h),
+    so rtpurbo_decode can pass the whole q and write in place without gathers."""
+    cfg = config or DEFAULT_CONFIG
+    B, _, D = q_r.shape
+    Hr = len(kv_head_of_r)
+    L = k_cache.shape[2]
+    dev = q_r.device
+    nb = -(-L // block_size)
+    rows = B * Hr
+    if out is None:
+        out = torch.empty((B, Hr, D), dtype=q_r.dtype, device=dev)
+    if rows == 0:
+        return out
+    lens = _lens_i32(cache_lens)
+    mask_u8 = block_mask.view(torch.uint8)
+    if kept is None:
+        kept_idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
+        kept_cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+        _compact_kernel[(rows,)](mask_u8, lens, kept_idx, kept_cnt, Hr, nb, window, sinks,
+                                 BS=block_size, TILE=min(1024, _pow2(nb)), num_warps=cfg.num_warps)
+    else:
+        kept_idx, kept_cnt = kept
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    if q_r.stride(2) != 1:
+        q_r = q_r.contiguous()
+    ns = _auto_splits(cfg.num_splits, rows, nb, cfg, dev)
+    d_pad = _pow2(D, 16)
+    pm = torch.empty((rows * ns,), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((rows * ns, d_pad), dtype=torch.float32, device=dev)
+    fused = cfg.fused_reduction and ns > 1
+    if fused and counters is None:
+        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    qh = _index_tensor(list(range(Hr)) if q_heads is None else q_heads, dev)
+    _retrieval_attn_kernel[(ns, rows)](
+        q_r, k_cache, v_cache, _index_tensor(kv_head_of_r, dev), qh, lens, mask_u8, kept_idx,
+        kept_cnt, pm, pl, pacc, counters if fused else lens, out, q_r.stride(0), q_r.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), Hr, nb, D,
+        1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, BS=block_size,
+        D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused, num_warps=cfg.num_warps)
+    if ns > 1 and not fused:
+        _combine_kernel[(rows,)](pm, pl, pacc, qh, out, out.stride(0), out.stride(1), Hr, D, GP=1,
+                                 NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad, num_warps=cfg.num_warps)
+    return out
+
+
+def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, window, sinks,
+                        scale=None, kv_head_of_l: Sequence[int],
+                        config: Optional[TritonDecodeConfig] = None,
+                        out: Optional[torch.Tensor] = None,
+                        q_heads: Optional[Sequence[int]] = None,
+                        counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Local decode. kv_head_of_l[j] is local head j's KV head; q_heads[j] its row in q_l / out."""
+    cfg = config or DEFAULT_CONFIG
+    B, _, D = q_l.shape
+    Hl = len(kv_head_of_l)
+    HKV, W = ring_k.shape[1], ring_k.shape[2]
+    dev = q_l.device
+    if out is None:
+        out = torch.empty((B, Hl, D), dtype=q_l.dtype, device=dev)
+    if B * Hl == 0:
+        return out
+    q_heads = list(range(Hl)) if q_heads is None else list(q_heads)
+    if _interpreting() and ring_k.dtype == torch.bfloat16:
+        # Triton's CPU interpreter (3.9) returns garbage for bf16 tl.dot; fp32 is exact there
+        q_l, sink_k, sink_v, ring_k, ring_v = (t.float() for t in (q_l, sink_k, sink_v, ring_k,
+                                                                    ring_v))
+    groups = [[q_heads[j] for j in range(Hl) if kv_head_of_l[j] == k] for k in range(HKV)]
+    gp = _pow2(max(len(g) for g in groups), 16)  # tl.dot needs >= 16 rows
+    table = [h for g in groups for h in (g + [-1] * (gp - len(g)))]
+    sink_k, sink_v, ring_k, ring_v = (t if t.stride(3) == 1 else t.contiguous()
+                                      for t in (sink_k, sink_v, ring_k, ring_v))
+    if q_l.stride(2) != 1:
+        q_l = q_l.contiguous()
+    rows = B * HKV
+    bn = cfg.local_tile
+    max_tiles = -(-window // bn) if window > 0 else 1
+    ns = _auto_splits(cfg.local_num_splits, rows, max_tiles, cfg, dev)
+    d_pad = _pow2(D, 16)
+    pm = torch.empty((rows * gp * ns,), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((rows * gp * ns, d_pad), dtype=torch.float32, device=dev)
+    fused = cfg.fused_reduction and ns > 1
+    if fused and counters is None:
+        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    heads = _index_tensor(table, dev)
+    lens = _lens_i32(cache_lens)
+    if sink_k.shape[2] == 0:  # keep valid pointers for the (never taken) sink branch
+        sink_k = sink_v = ring_k
+    _local_attn_kernel[(ns, rows)](
+        q_l, sink_k, sink_v, ring_k, ring_v, heads, lens, pm, pl, pacc,
+        counters if fused else lens, out, q_l.stride(0), q_l.stride(1), sink_k.stride(0),
+        sink_k.stride(1), sink_k.stride(2), sink_v.stride(0), sink_v.stride(1), sink_v.stride(2),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2), ring_v.stride(0), ring_v.stride(1),
+        ring_v.stride(2), out.stride(0), out.stride(1), HKV, W, D,
+        1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, GP=gp, BN=bn,
+        SP=_pow2(sinks, 16), D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused,
+        IEEE=ring_k.dtype == torch.float32, num_warps=cfg.num_warps)
+    if ns > 1 and not fused:
+        _combine_kernel[(rows * gp,)](pm, pl, pacc, heads, out, out.stride(0), out.stride(1), HKV,
+                                      D, GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,
+                                      num_warps=cfg.num_warps)
+    return out
+
+
+def rtpurbo_decode_triton(q, cache_lens, *, retrieval_heads: Sequence[int],
+                          local_heads: Sequence[int], top_p, block_size, window, sinks, sink_k,
+                          sink_v, ring_k, ring_v, kv_head_of_l, k_cache, v_cache, kv_head_of_r,
+                          qi, ki_cache, scale=None, config: Optional[TritonDecodeConfig] = None):
+    """One decode step, arguments already validated. Writes both roles straight into one output
+    tensor in the original head order; one zeroed counter buffer serves every fused reduction."""
+    from kernels.sparse_decode import DecodeOutput
+
+    cfg = config or DEFAULT_CONFIG
+    B = q.shape[0]
+    out = torch.empty_like(q)
+    n_r = B * len(retrieval_heads)
+    n_l = B * (ring_k.shape[1] if local_heads else 0)
+    counters = (torch.zeros((2 * n_r + n_l,), dtype=torch.int32, device=q.device)
+                if cfg.fused_reduction or cfg.fused_select else None)
+    mask = None
+    # Local heads need nothing from the selection: on CUDA they run on a side stream so their
+    # (latency-bound, few-program) kernels overlap the selection and retrieval kernels.
+    side = None
+    if cfg.overlap_local and q.is_cuda and local_heads and retrieval_heads:
+        side = _side_stream(q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    if local_heads:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            local_decode_triton(
+                q, sink_k, sink_v, ring_k, ring_v, cache_lens, window=window, sinks=sinks,
+                scale=scale, kv_head_of_l=kv_head_of_l, config=cfg, out=out, q_heads=local_heads,
+                counters=None if counters is None else counters[2 * n_r:])
+    if retrieval_heads:
+        sel = select_decode_blocks_triton(
+            qi, ki_cache, cache_lens, top_p=top_p, block_size=block_size, window=window,
+            sinks=sinks, config=cfg, counters=None if counters is None else counters[:n_r])
+        mask = sel.block_mask
+        retrieval_decode_triton(
+            q, k_cache, v_cache, kv_head_of_r, mask, cache_lens, window=window, sinks=sinks,
+            block_size=block_size, scale=scale, config=cfg, kept=(sel.kept_idx, sel.kept_count),
+            out=out, q_heads=retrieval_heads,
+            counters=None if counters is None else counters[n_r:2 * n_r])
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
+    return DecodeOutput(out=out, block_mask=mask)

@@ -1,0 +1,539 @@
+"""RTPurbo decode kernels: Triton (CPU interpreter) vs pure-torch references, and the references
+against independent dense computations.
+
+Triton's interpreter must be switched on (TRITON_INTERPRET=1) before triton is first imported,
+and other test modules may import triton earlier in the same pytest process. So, unless this
+process already has a working interpreter, the kernel tests are skipped here and
+test_triton_kernels_in_interpreter_subprocess reruns this file in a fresh interpreter with
+TRITON_INTERPRET=1 set from the start. Every fast call uses impl="triton", which raises instead of
+falling back, and the `td` fixture asserts that the kernels are interpreted ones: the tests fail
+if Triton did not execute.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import sparse_decode as sd
+
+BS = 16  # small key blocks keep the interpreter fast while giving many blocks per head
+CHILD_FLAG = "RTPURBO_DECODE_TEST_CHILD"
+
+
+def _interpreter_ready() -> bool:
+    """True if triton here runs on CPU tensors (env set before triton's first import)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton
+        import triton.language.standard as std
+    except ImportError:
+        return False
+    return not isinstance(std.sum, triton.runtime.JITFunction)
+
+
+INTERPRETER_READY = _interpreter_ready()
+needs_triton = pytest.mark.skipif(
+    not INTERPRETER_READY,
+    reason="Triton kernels run in the TRITON_INTERPRET=1 subprocess test of this module")
+
+
+@pytest.mark.skipif(INTERPRETER_READY or os.environ.get(CHILD_FLAG) == "1",
+                    reason="the kernel tests already run in this process (or this is the child)")
+def test_triton_kernels_in_interpreter_subprocess():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_FLAG: "1"})
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
+                        "-o", "addopts=", "-p", "no:cacheprovider"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    tail = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+
+
+@pytest.fixture()
+def td():
+    from kernels import triton_decode
+
+    assert triton_decode._interpreting(), "Triton decode kernels were not built for the interpreter"
+    return triton_decode
+
+
+def cfg(td, **kw):
+    base = dict(select_tile=8, score_blocks_per_cta=4, local_tile=16)
+    base.update(kw)
+    return td.TritonDecodeConfig(**base)
+
+
+# ---------------------------------------------------------------------------- data builders
+
+
+def poison_beyond(x, lens, dim=2):
+    """NaN in every cache entry at position >= lens[b]: a kernel that reads one fails."""
+    x = x.clone()
+    for b, n in enumerate(lens.tolist()):
+        x[b].narrow(dim - 1, n, x.shape[dim] - n).fill_(float("nan"))
+    return x
+
+
+def ring_from_full(k, v, lens, S, W):
+    """Sink buffer + ring buffer holding exactly what a decode loop would have written;
+    ring slots whose token was never written are NaN."""
+    B, H, L, D = k.shape
+    sink_k, sink_v = k[:, :, :S].clone(), v[:, :, :S].clone()
+    ring_k = torch.full((B, H, W, D), float("nan"), dtype=k.dtype)
+    ring_v = ring_k.clone()
+    for b, n in enumerate(lens.tolist()):
+        for t in range(max(0, n - W), n):
+            ring_k[b, :, t % W] = k[b, :, t]
+            ring_v[b, :, t % W] = v[b, :, t]
+        sink_k[b, :, min(n, S):] = float("nan")
+        sink_v[b, :, min(n, S):] = float("nan")
+    return sink_k, sink_v, ring_k, ring_v
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_valid_top_p(got, ref, mass, lens, p, block_size):
+    """got must equal ref, except where float rounding at the top-p boundary legitimately picks
+    another minimal set: then it must still be a top set whose mass reaches p (float64)."""
+    diff_rows = (got != ref).any(-1)
+    assert diff_rows.float().mean() <= 0.34, "too many rows differ from the reference"
+    for b, h in diff_rows.nonzero().tolist():
+        nb = -(-int(lens[b]) // block_size)
+        m = mass[b, h, :nb].double()
+        sel = got[b, h, :nb]
+        assert not got[b, h, nb:].any()
+        assert m[sel].sum() >= p - 1e-5
+        assert m[sel].sum() - m[sel].min() < p + 1e-5  # minimal
+        if (~sel).any():
+            assert m[~sel].max() <= m[sel].min() + 1e-6  # a top set
+        assert abs(int(sel.sum()) - int(ref[b, h].sum())) <= 1
+
+
+def indexer_inputs(B, Hr, L, r=16, peak=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qi = torch.randn(B, Hr, r, generator=g)
+    ki = torch.randn(B, Hr, L, r, generator=g) * peak / r ** 0.5
+    return qi, ki
+
+
+# ------------------------------------------------------------------------- selection (top-p)
+
+LENS = [300, 263, 41]  # full, not a multiple of the block, and shorter than the window
+
+
+SELECT_CONFIGS = {  # every search path: fused (last program) / separate kernel, in registers
+    # or tiled, 2-D or per-threshold reductions, bisection and k-ary
+    "fused_k16_tiled": dict(fused_select=True, search_arity=16),
+    "fused_k2_tiled": dict(fused_select=True, search_arity=2),
+    "sep_k1_resident": dict(fused_select=False, search_arity=1),
+    "sep_k4_tiled": dict(fused_select=False, search_arity=4, select_wide_tile=8),
+    "sep_k16_resident_1d": dict(fused_select=False, search_arity=16, select_max_2d=64),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(SELECT_CONFIGS))
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_select_matches_reference(td, name, p):
+    lens = torch.tensor(LENS)
+    qi, ki = indexer_inputs(3, 2, 300, seed=int(p * 10) + len(name))
+    ki = poison_beyond(ki, lens)
+    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=BS, window=64,
+                                            sinks=4)
+    res = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, block_size=BS, window=64,
+                                         sinks=4, config=cfg(td, **SELECT_CONFIGS[name]))
+    mass = sd.indexer_block_mass_reference(qi.double(), ki.double(), lens, block_size=BS)
+    assert res.block_mask.dtype == torch.bool and res.block_mask.shape == ref.shape
+    assert_valid_top_p(res.block_mask, ref, mass, lens, p, BS)
+    # the kept-block list = top-p blocks U blocks holding sink or window tokens, ascending
+    for row in range(6):
+        b, h = divmod(row, 2)
+        n = int(lens[b])
+        nb = -(-n // BS)
+        starts = torch.arange(nb) * BS
+        forced = (starts < min(4, n)) | (starts + BS > max(n - 64, 0))
+        expect = (res.block_mask[b, h, :nb] | forced).nonzero().flatten()
+        cnt = int(res.kept_count[row])
+        assert torch.equal(res.kept_idx[row, :cnt].long(), expect)
+
+
+def test_select_reference_rule_on_known_masses():
+    """The reference on a hand-made distribution: masses proportional to exp(scores)."""
+    # 4 blocks of 16; block 2 gets 3 tokens with a big score, block 0 a medium one
+    ki = torch.zeros(1, 1, 64, 1)
+    ki[0, 0, 33:36, 0] = 5.0
+    ki[0, 0, 2, 0] = 4.0
+    qi = torch.ones(1, 1, 1)
+    lens = torch.tensor([64])
+    mass = sd.indexer_block_mass_reference(qi, ki, lens, block_size=16)[0, 0]
+    assert mass.argmax() == 2 and torch.allclose(mass.sum(), torch.tensor(1.0))
+    m = lambda p: sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=16,  # noqa
+                                                    window=0, sinks=0)[0, 0].tolist()
+    assert m(float(mass[2]) - 1e-4) == [False, False, True, False]
+    assert m(float(mass[2] + mass[0]) - 1e-4) == [True, False, True, False]
+    assert m(float(mass[2] + mass[0]) + 1e-4) == [True, True, True, False]  # tie 1 vs 3: lower
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
+def test_select_ties_take_lower_block_first(td, fused):
+    lens = torch.tensor([160, 150])  # 10 full blocks; 9 full + 1 partial
+    qi = torch.randn(2, 2, 16)
+    ki = torch.randn(1, 1, 1, 16).expand(2, 2, 160, 16).contiguous()  # all scores equal
+    for p in (0.55, 0.05):
+        ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=BS, window=16,
+                                                sinks=4)
+        got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, block_size=BS, window=16,
+                                             sinks=4, config=cfg(td, fused_select=fused))
+        assert torch.equal(got.block_mask, ref)
+        # L=160: each block holds 1/10 of the mass -> the first ceil(10 p) blocks
+        want = -(-int(p * 1000) // 100)
+        assert ref[0, 0].tolist() == [i < want for i in range(10)]
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
+def test_select_pruned_candidates_and_fallback(td, fused):
+    """Blocks more than ~(1-p)/nb below the top can never be kept: the search runs on the
+    gathered candidates when they fit one tile (peaky rows), else on all blocks (flat rows)."""
+    lens = torch.tensor([300, 290])
+    qi = torch.randn(2, 2, 16)
+    ki = torch.randn(2, 2, 300, 16) * 0.05
+    for b, h, blocks in [(0, 0, [2, 9, 15]), (1, 0, [0, 4, 5, 6, 17])]:  # peaky rows
+        for j, blk in enumerate(blocks):
+            ki[b, h, blk * BS + 3] = qi[b, h] * (1.0 + 0.1 * j) * 8 / qi[b, h].norm() ** 2
+    c = cfg(td, fused_select=fused, select_tile=8, select_wide_tile=8)
+    kw = dict(block_size=BS, window=16, sinks=4)
+    for p in (0.5, 0.9, 0.999):
+        got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
+        ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw)
+        mass = sd.indexer_block_mass_reference(qi.double(), ki.double(), lens, block_size=BS)
+        assert_valid_top_p(got, ref, mass, lens, p, BS)
+
+
+@needs_triton
+def test_select_all_mass_on_one_block(td):
+    lens = torch.tensor([200, 200])
+    qi = torch.randn(2, 2, 16)
+    ki = torch.randn(2, 2, 200, 16) * 0.01
+    hot = [[3, 11], [7, 0]]
+    for b in range(2):
+        for h in range(2):
+            ki[b, h, hot[b][h] * BS + 5] = qi[b, h] * 10  # one token, huge score
+    got = td.select_decode_blocks_triton(qi, ki, lens, top_p=0.9, block_size=BS, window=16,
+                                         sinks=4, config=cfg(td))
+    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=0.9, block_size=BS, window=16,
+                                            sinks=4)
+    assert torch.equal(got.block_mask, ref)
+    assert got.block_mask.sum(-1).eq(1).all()
+    for b in range(2):
+        for h in range(2):
+            assert got.block_mask[b, h, hot[b][h]]
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
+def test_select_top_p_edges(td, fused):
+    lens = torch.tensor([200, 57])
+    qi, ki = indexer_inputs(2, 3, 200, seed=5)
+    nb = [13, 4]
+    c = cfg(td, fused_select=fused)
+    kw = dict(block_size=BS, window=16, sinks=4)
+    got = {p: td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
+           for p in (0.0, 1.0, 1e-7)}
+    for p, mask in got.items():
+        assert torch.equal(mask, sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw))
+    assert not got[0.0].any()
+    for b in range(2):
+        assert got[1.0][b, :, :nb[b]].all() and not got[1.0][b, :, nb[b]:].any()
+    mass = sd.indexer_block_mass_reference(qi, ki, lens, block_size=BS)
+    assert got[1e-7].sum(-1).eq(1).all()
+    assert torch.equal(got[1e-7].float().argmax(-1), mass.argmax(-1))
+
+
+# -------------------------------------------------------------------------- retrieval heads
+
+
+def retrieval_case(B=3, Hkv=2, L=300, D=32, seed=0, lens=LENS, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    q = torch.randn(B, 4, D, generator=g)
+    k = poison_beyond(torch.randn(B, Hkv, L, D, generator=g), lens)
+    v = poison_beyond(torch.randn(B, Hkv, L, D, generator=g), lens)
+    mask = torch.rand(B, 4, -(-L // BS), generator=g) < density
+    return q, k, v, mask, lens
+
+
+@needs_triton
+@pytest.mark.parametrize("fused,splits", [(True, 1), (True, 3), (False, 4), (True, 64)])
+def test_retrieval_matches_reference(td, fused, splits):
+    q, k, v, mask, lens = retrieval_case(seed=splits)
+    kv_of = [0, 1, 1, 0]  # GQA: two retrieval heads on each KV head, not in order
+    kw = dict(window=40, sinks=4, block_size=BS)
+    ref = sd.retrieval_decode_reference(q.double(), k.double(), v.double(), kv_of, mask, lens,
+                                        **kw)
+    out = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton",
+                              config=cfg(td, fused_reduction=fused, num_splits=splits), **kw)
+    assert out.shape == (3, 4, 32) and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5
+
+
+@needs_triton
+def test_retrieval_fp16_and_scale(td):
+    q, k, v, mask, lens = retrieval_case(seed=7)
+    q, k, v = q.half(), k.half(), v.half()
+    kw = dict(window=24, sinks=2, block_size=BS, scale=0.3)
+    ref = sd.retrieval_decode_reference(q.double(), k.double(), v.double(), [1, 0, 1, 0], mask,
+                                        lens, **kw)
+    out = sd.retrieval_decode(q, k, v, [1, 0, 1, 0], mask, lens, impl="triton",
+                              config=cfg(td, num_splits=2), **kw)
+    assert out.dtype == torch.float16 and rel_err(out, ref) < 2e-3
+
+
+def test_retrieval_reference_independent_checks():
+    """All blocks selected = dense attention; no blocks = sinks + window only."""
+    q, k, v, _, lens = retrieval_case(seed=3)
+    kv_of = [0, 0, 1, 1]
+    full = torch.ones(3, 4, -(-300 // BS), dtype=torch.bool)
+    got = sd.retrieval_decode_reference(q, k, v, kv_of, full, lens, window=8, sinks=4,
+                                        block_size=BS)
+    dense = sd.dense_decode_reference(q, k, v, lens)  # Hq=4, Hkv=2: head h -> h // 2
+    assert rel_err(got, dense) < 1e-6
+    none = torch.zeros_like(full)
+    got = sd.retrieval_decode_reference(q, k, v, kv_of, none, lens, window=8, sinks=4,
+                                        block_size=BS)
+    for b, n in enumerate(lens.tolist()):
+        idx = sorted(set(range(min(4, n))) | set(range(max(0, n - 8), n)))
+        for h in range(4):
+            kk, vv = k[b, kv_of[h], idx], v[b, kv_of[h], idx]
+            p = torch.softmax(kk @ q[b, h] / 32 ** 0.5, 0)
+            assert torch.allclose(got[b, h], p @ vv, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ local heads
+
+
+def local_case(lens, B=None, Hq=4, Hkv=2, D=32, L=320, S=4, W=48, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    B = len(lens)
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    return (q, k, v, lens) + ring_from_full(k, v, lens, S, W)
+
+
+def local_dense_masked(q, k, v, lens, window, sinks, kv_of):
+    """Independent local reference: dense attention over the full cache with a position mask."""
+    B, H, D = q.shape
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b, n in enumerate(lens.tolist()):
+        idx = sorted(set(range(min(sinks, n))) | set(range(max(0, n - window), n)))
+        for h in range(H):
+            kk, vv = k[b, kv_of[h], idx].double(), v[b, kv_of[h], idx].double()
+            out[b, h] = torch.softmax(kk @ q[b, h].double() / D ** 0.5, 0) @ vv
+    return out
+
+
+# lens: ring wrapped several times, not a multiple of anything, < window, < sinks, 1 token
+LOCAL_LENS = [320, 101, 30, 3, 1]
+
+
+def test_local_reference_equals_masked_dense():
+    q, k, v, lens, sk, sv, rk, rv = local_case(LOCAL_LENS)
+    got = sd.local_decode_reference(q, sk, sv, rk, rv, lens, window=40, sinks=4)
+    want = local_dense_masked(q, k, v, lens, 40, 4, [0, 0, 1, 1])
+    assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("fused,splits,window", [(True, 1, 40), (True, 3, 48), (False, 2, 40),
+                                                 (True, 64, 7)])
+@needs_triton
+def test_local_matches_reference(td, fused, splits, window):
+    q, k, v, lens, sk, sv, rk, rv = local_case(LOCAL_LENS, seed=splits)
+    kw = dict(window=window, sinks=4)
+    want = local_dense_masked(q, k, v, lens, window, 4, [0, 0, 1, 1])
+    out = sd.local_decode(q, sk, sv, rk, rv, lens, impl="triton",
+                          config=cfg(td, fused_reduction=fused, local_num_splits=splits), **kw)
+    assert torch.isfinite(out).all() and rel_err(out, want) < 1e-5
+
+
+@needs_triton
+def test_local_irregular_groups_fp16_no_sinks(td):
+    """kv_head_of_l not of the h // G form (per-query-head roles), fp16, sinks=0, GQA 3:1 + 1:1."""
+    q, k, v, lens, sk, sv, rk, rv = local_case([200, 64, 9], Hq=4, S=0, dtype=torch.float16)
+    kv_of = [1, 0, 1, 1]
+    out = sd.local_decode(q, sk, sv, rk, rv, lens, window=48, sinks=0, kv_head_of_l=kv_of,
+                          impl="triton", config=cfg(td, local_num_splits=2))
+    want = local_dense_masked(q, k, v, lens, 48, 0, kv_of)
+    assert out.dtype == torch.float16 and rel_err(out, want) < 2e-3
+
+
+# -------------------------------------------------------------------------- whole layer
+
+
+def layer_case(lens, roles, W=48, S=4, L=320, seed=0, r=16):
+    """Per-query-head roles on Hq=8, Hkv=2 (a KV head may serve both roles)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens)
+    B, Hq, Hkv, D = len(lens), 8, 2, 32
+    q = torch.randn(B, Hq, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    sk, sv, rk, rv = ring_from_full(k, v, lens, S, W)
+    retr = [h for h in range(Hq) if roles[h]]
+    local = [h for h in range(Hq) if not roles[h]]
+    qi = torch.randn(B, len(retr), r, generator=g)
+    ki = poison_beyond(torch.randn(B, len(retr), L, r, generator=g), lens)
+    return dict(q=q, cache_lens=lens, is_retrieval=roles, sink_k=sk, sink_v=sv, ring_k=rk,
+                ring_v=rv, kv_head_of_l=[h // 4 for h in local],
+                k_cache=poison_beyond(k, lens), v_cache=poison_beyond(v, lens),
+                kv_head_of_r=[h // 4 for h in retr], qi=qi, ki_cache=ki), (k, v)
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False])
+def test_rtpurbo_matches_reference(td, fused):
+    roles = [False, True, False, False, False, False, True, True]
+    args, _ = layer_case([320, 187, 25], roles)
+    kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
+    ref = sd.rtpurbo_decode_reference(**args, **kw)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, fused_reduction=fused,
+                                                                     fused_select=not fused,
+                                                                     num_splits=3,
+                                                                     local_num_splits=2))
+    mass = sd.indexer_block_mass_reference(args["qi"], args["ki_cache"], args["cache_lens"],
+                                           block_size=BS)
+    assert_valid_top_p(got.block_mask, ref.block_mask, mass, args["cache_lens"], 0.9, BS)
+    if torch.equal(got.block_mask, ref.block_mask):
+        assert rel_err(got.out, ref.out) < 1e-5
+    # the same output from the per-role references, given the kernel's own mask
+    retr = [1, 6, 7]
+    want = sd.retrieval_decode_reference(args["q"][:, retr], args["k_cache"], args["v_cache"],
+                                         args["kv_head_of_r"], got.block_mask, args["cache_lens"],
+                                         window=40, sinks=4, block_size=BS)
+    assert rel_err(got.out[:, retr], want) < 1e-5
+    local = [0, 2, 3, 4, 5]
+    assert rel_err(got.out[:, local], ref.out[:, local]) < 1e-5
+
+
+@needs_triton
+def test_rtpurbo_full_top_p_and_window_is_dense(td):
+    """top_p = 1 and window >= cache_len: every head attends to everything = dense decode."""
+    roles = [True, False, False, True, False, False, False, True]
+    args, (k, v) = layer_case([60, 33], roles, W=64, L=64)
+    dense = sd.dense_decode_reference(args["q"].double(), k.double(), v.double(),
+                                      args["cache_lens"])
+    kw = dict(top_p=1.0, block_size=BS, window=64, sinks=4)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, num_splits=2))
+    assert rel_err(got.out, dense) < 1e-5
+    assert rel_err(sd.rtpurbo_decode_reference(**args, **kw).out, dense) < 1e-6
+    # and with the window too short, top_p = 1 on retrieval heads still makes them dense
+    kw["window"] = 8
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, num_splits=2))
+    retr = [0, 3, 7]
+    assert rel_err(got.out[:, retr], dense[:, retr]) < 1e-5
+
+
+@needs_triton
+def test_rtpurbo_p_to_zero_keeps_sinks_window_and_top_block(td):
+    roles = [True] * 4 + [False] * 4
+    args, (k, v) = layer_case([300, 150], roles, seed=4)
+    kw = dict(block_size=BS, window=24, sinks=4)
+    got = sd.rtpurbo_decode(**args, top_p=1e-7, **kw, impl="triton", config=cfg(td))
+    assert got.block_mask.sum(-1).eq(1).all()
+    zero = sd.rtpurbo_decode(**args, top_p=0.0, **kw, impl="triton", config=cfg(td))
+    assert not zero.block_mask.any()
+    lens = args["cache_lens"]
+    for b, n in enumerate(lens.tolist()):
+        idx = sorted(set(range(4)) | set(range(n - 24, n)))
+        for h in range(4):
+            kk, vv = k[b, h // 4, idx], v[b, h // 4, idx]
+            want = torch.softmax(kk @ args["q"][b, h] / 32 ** 0.5, 0) @ vv
+            assert torch.allclose(zero.out[b, h], want, atol=1e-5)
+
+
+@needs_triton
+def test_layer_without_retrieval_heads(td):
+    args, _ = layer_case([100, 7], [False] * 8)
+    for key in ("k_cache", "v_cache", "qi", "ki_cache", "kv_head_of_r"):
+        args[key] = None
+    kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td))
+    ref = sd.rtpurbo_decode_reference(**args, **kw)
+    assert got.block_mask is None and rel_err(got.out, ref.out) < 1e-5
+
+
+# ---------------------------------------------------------------------- errors and fallback
+
+
+def test_errors_name_the_bad_argument():
+    q, k, v, mask, lens = retrieval_case()
+    kw = dict(window=40, sinks=4, block_size=BS)
+    with pytest.raises(ValueError, match="block_mask"):
+        sd.retrieval_decode_reference(q, k, v, [0, 1, 1, 0], mask[:, :, :-1], lens, **kw)
+    with pytest.raises(ValueError, match="kv_head_of_r"):
+        sd.retrieval_decode_reference(q, k, v, [0, 1, 2, 0], mask, lens, **kw)
+    with pytest.raises(ValueError, match="cache_lens"):
+        sd.retrieval_decode_reference(q, k, v, [0, 1, 1, 0], mask, lens[:2], **kw)
+    with pytest.raises(ValueError, match="v_cache"):
+        sd.retrieval_decode_reference(q, k, v[:, :, :10], [0, 1, 1, 0], mask, lens, **kw)
+    ql, _, _, lens_l, sk, sv, rk, rv = local_case([10, 20])
+    with pytest.raises(ValueError, match="ring_k"):
+        sd.local_decode_reference(ql, sk, sv, rk, rv, lens_l, window=100, sinks=4)
+    with pytest.raises(ValueError, match="sink_k"):
+        sd.local_decode_reference(ql, sk, sv, rk, rv, lens_l, window=40, sinks=8)
+    qi, ki = indexer_inputs(2, 2, 40)
+    with pytest.raises(ValueError, match="ki_cache"):
+        sd.select_decode_blocks_reference(qi, ki[:, :1], lens_l, top_p=0.9, block_size=BS,
+                                          window=8, sinks=4)
+    with pytest.raises(ValueError, match="impl"):
+        sd.select_decode_blocks(qi, ki, lens_l, top_p=0.9, block_size=BS, window=8, sinks=4,
+                                impl="cuda")
+
+
+def test_fallback_is_logged_not_silent(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sd, "_warned", set())
+    qi, ki = indexer_inputs(2, 2, 40)
+    lens = torch.tensor([40, 23])
+    kw = dict(top_p=0.9, block_size=BS, window=8, sinks=4)
+    with caplog.at_level(logging.WARNING, logger="kernels.sparse_decode"):
+        got = sd.select_decode_blocks(qi, ki, lens, **kw)
+    assert "TRITON_INTERPRET" in caplog.text and "reference" in caplog.text
+    assert torch.equal(got, sd.select_decode_blocks_reference(qi, ki, lens, **kw))
+    with pytest.raises(RuntimeError, match="Triton cannot run"):
+        sd.select_decode_blocks(qi, ki, lens, impl="triton", **kw)
+
+
+@needs_triton
+def test_bench_layer_builder_and_checks(td, monkeypatch):
+    """scripts/bench_decode.py at toy size: inputs, kernel-vs-reference checks, byte counts."""
+    from scripts import bench_decode as bd
+
+    for name, val in dict(WINDOW=48, BLOCK=16, HQ=8, HKV=4, D=32).items():
+        monkeypatch.setattr(bd, name, val)
+    configs = {"fused": cfg(td, num_splits=3, local_num_splits=2),
+               "sep": cfg(td, fused_reduction=False, fused_select=False, search_arity=1,
+                          num_splits=2)}
+    args = bd.make_layer(700, 1, 0.2, torch.float16, torch.device("cpu"))
+    res = bd.check_layer(args, configs)
+    assert res["retrieval_rel_err"] < 2e-3 and res["local_rel_err"] < 2e-3
+    mask = sd.rtpurbo_decode(**args, impl="triton", config=configs["fused"]).block_mask
+    nbytes = bd.bytes_rtpurbo(args, mask, 2)
+    assert 0.1 < nbytes["density"] < 0.25  # ~0.93 of the hot 20% of blocks
+    assert nbytes["local"] == 3 * (4 + 48) * 2 * 32 * 2
+    assert nbytes["indexer"] == 2 * 700 * 16 * 2
+    kv = bd.kv_bytes_per_token(1, 2)
+    assert kv["dense_per_token"] == 4 * 2 * 32 * 2
+    assert kv["rtpurbo_per_token"] == 2 * 32 * 2 + 2 * 16 * 2  # 1 KV head + 2 heads' indexer keys
