@@ -98,8 +98,10 @@ def run_pipeline(cfg: JobConfig, argv: list[str]) -> None:
     for i, stage_file in enumerate(cfg.job.pipeline_stages):
         if not Path(stage_file).is_file():
             raise FileNotFoundError(f"{cfg.job.config_file}: job.pipeline_stages[{i}] = {stage_file} not found")
-        stage_cfg = load_job_config(["--job.config_file", stage_file, "--job.dump_folder", cfg.job.dump_folder,
-                                     *overrides])
+        # defaults <- the pipeline file (shared sections) <- the stage file <- command line
+        stage_cfg = load_job_config(["--job.config_file", cfg.job.config_file, "--job.config_file", stage_file,
+                                     "--job.dump_folder", cfg.job.dump_folder, *overrides])
+        stage_cfg.job.pipeline_stages = []
         mode = stage_cfg.job.mode
         logger.info(f"=== pipeline stage {i + 1}/{len(cfg.job.pipeline_stages)}: {mode} ({stage_file}) ===")
         if mode in LOOP_MODES:

@@ -160,6 +160,12 @@ class Eval:
     tasks: list[str] = field(default_factory=lambda: ["all"])
     seed: int = 1234
     max_new_tokens: int = 0  # 0: the answer's own token count + a margin
+    # "teacher_forced": one forward per sample (identical to greedy for exact-match tasks, a lower bound for
+    # list tasks); "greedy": decode token by token (a full forward per token: slow without a KV cache).
+    scoring: str = "teacher_forced"
+    batch_size: int = 4
+    perplexity_seq_len: int = 0  # 0: no perplexity
+    perplexity_max_docs: int = 4
     # Models of the comparison to leave out: dense is always run; streaming, duo, topk, rtpurbo_s1.
     skip_models: list[str] = field(default_factory=list)
 

@@ -64,6 +64,49 @@ class DecodeEmulatingGenerator(GreedyGenerator):
         return GenerationOutput(tokens=new, density=[density] * len(prompts))
 
 
+class TeacherForcedScorer:
+    """One forward over prompt + gold target per sample instead of one per generated token.
+
+    Returns, per prompt, the model's argmax tokens at the target positions up to and including the first
+    one that differs from the target (and EOS when all match). Greedy decoding and teacher forcing agree
+    up to the first mismatch, so for exact-match tasks the score is identical to greedy decoding; for
+    list (recall) tasks it is a lower bound (greedy might still recall later items). `emulate_decode`
+    makes rows from the last prompt token on use decode-time selection (RTPurbo models)."""
+
+    def __init__(self, model, tokenizer, samples, *, device, emulate_decode: bool = False, top_k_blocks: int = 0):
+        self.model = model
+        self.device = device
+        self.eos = int(tokenizer.eos_id)
+        self.targets = {tuple(s.prompt_ids): list(tokenizer.encode(s.target)) for s in samples}
+        self.emulate_decode = emulate_decode
+        self.top_k_blocks = top_k_blocks
+
+    @torch.no_grad()
+    def __call__(self, prompts, max_new_tokens):
+        P = len(prompts[0])
+        targets = [self.targets[tuple(p)] for p in prompts]
+        L = max(len(t) for t in targets)
+        x = torch.tensor([p + t + [self.eos] * (L - len(t)) for p, t in zip(prompts, targets)],
+                         dtype=torch.long, device=self.device)
+        extras = {"decode_from": P - 1, "top_k_blocks": self.top_k_blocks} if self.emulate_decode else {}
+        ctx = AttentionContext(collect={}, extras=extras)
+        h = self.model(x, ctx=ctx, return_hidden=True)
+        pred = self.model.output(h[:, P - 1:P - 1 + L]).argmax(-1).tolist()
+        out = []
+        for b, t in enumerate(targets):
+            toks = []
+            for j, gold in enumerate(t):
+                toks.append(int(pred[b][j]))
+                if pred[b][j] != gold:
+                    break
+            else:
+                toks.append(self.eos)
+            out.append(toks)
+        dens = [d for d in ctx.collect.get("decode_density", []) if not math.isnan(d)]
+        density = sum(dens) / len(dens) if dens else None
+        return GenerationOutput(tokens=out, density=[density] * len(prompts))
+
+
 def _all_local_roles(roles):
     r = copy.deepcopy(roles)
     r.retrieval = [[False] * len(row) for row in r.retrieval]
@@ -113,9 +156,37 @@ def run_comparison(cfg, device: torch.device) -> dict:
     if (stage2 / "config.json").is_file():
         models["rtpurbo"] = DecodeEmulatingGenerator(rt2, tok, device=device)
 
+    if ev.scoring not in ("teacher_forced", "greedy"):
+        raise ValueError(f"eval.scoring must be 'teacher_forced' or 'greedy', got {ev.scoring!r}")
+    modules = {}  # name -> (module, emulate_decode)
+    for name, m in models.items():
+        if isinstance(m, DecodeEmulatingGenerator):
+            modules[name] = (m.model, True)
+        else:
+            modules[name] = (m, False)
+    if ev.scoring == "teacher_forced":
+        models = {name: TeacherForcedScorer(m, tok, samples, device=device, emulate_decode=emu)
+                  for name, (m, emu) in modules.items()}
+
+    def make_topk(k_blocks):
+        m = modules["rtpurbo"][0]
+        if ev.scoring == "teacher_forced":
+            return TeacherForcedScorer(m, tok, samples, device=device, emulate_decode=True, top_k_blocks=k_blocks)
+        return DecodeEmulatingGenerator(m, tok, device=device, top_k_blocks=k_blocks)
+
+    for m, _ in modules.values():
+        m.eval()
     comparison = compare_models(models, tok, samples=samples, lengths=ev.lengths,
                                 samples_per_task=ev.samples_per_task, seed=ev.seed, device=device,
-                                max_new_tokens=ev.max_new_tokens or None)
+                                max_new_tokens=ev.max_new_tokens or None, batch_size=ev.batch_size)
+    comparison["config"]["scoring"] = ev.scoring
+    if ev.perplexity_seq_len:
+        from torchtitan_rtpurbo.evaluation.runner import perplexity
+
+        for name, (m, _) in modules.items():  # held-out stdlib "test" documents, same windows for all
+            comparison["models"][name]["perplexity"] = perplexity(
+                m, tok, None, ev.perplexity_seq_len, ev.perplexity_max_docs, device=device, return_details=True)
+        comparison["config"]["perplexity_seq_len"] = ev.perplexity_seq_len
     # Fixed-budget baseline at RTPurbo's measured mean kept blocks (the paper's top-k vs top-p claim).
     if "rtpurbo" in comparison["models"] and "topk" not in ev.skip_models:
         dens = [d for d in comparison["models"]["rtpurbo"].get("density", {}).values() if d is not None]
@@ -124,7 +195,7 @@ def run_comparison(cfg, device: torch.device) -> dict:
             bs = cfg.rtpurbo.block_size
             beyond = max(mean_len - cfg.rtpurbo.window - cfg.rtpurbo.sinks, bs)
             k_blocks = max(1, round(sum(dens) / len(dens) * beyond / bs))
-            topk = compare_models({"topk": DecodeEmulatingGenerator(rt2, tok, device=device, top_k_blocks=k_blocks)},
+            topk = compare_models({"topk": make_topk(k_blocks)},
                                   tok, samples=samples, lengths=ev.lengths, samples_per_task=ev.samples_per_task,
                                   seed=ev.seed, device=device, max_new_tokens=ev.max_new_tokens or None)
             comparison["models"]["topk"] = topk["models"]["topk"]
