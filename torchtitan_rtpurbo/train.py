@@ -83,23 +83,26 @@ def load_base_model(cfg: JobConfig, device: torch.device, vocab_needed: int):
     return args, model, roles
 
 
-def build_training_dataloader(cfg: JobConfig, tokenizer, dp_rank: int, dp_degree: int):
-    """The configured corpus, optionally mixed with the synthetic tasks' training split."""
+def build_training_dataloader(cfg: JobConfig, tokenizer, dp_rank: int, dp_degree: int, validation: bool = False):
+    """The configured corpus, optionally mixed with the synthetic tasks' training split. validation=True:
+    the held-out documents ("val" split) and the synthetic tasks' held-out ("eval") split, not shuffled."""
     from torchtitan_rtpurbo.data import MixtureDataset, StatefulBatchLoader, build_dataloader
     from torchtitan_rtpurbo.data.synthetic import SyntheticTaskDataset
 
     t = cfg.training
     base = build_dataloader(t.dataset, tokenizer, seq_len=t.seq_len, batch_size=t.local_batch_size,
-                            dp_rank=dp_rank, dp_degree=dp_degree, seed=cfg.job.seed, split=t.dataset_split,
-                            shard_by=t.dataset_shard_by)
+                            dp_rank=dp_rank, dp_degree=dp_degree, seed=cfg.job.seed,
+                            split="val" if validation else t.dataset_split, shard_by=t.dataset_shard_by,
+                            shuffle=not validation)
     if t.synthetic_fraction <= 0:
         return base
     if not 0 < t.synthetic_fraction <= 1:
         raise ValueError(f"training.synthetic_fraction must be in [0, 1], got {t.synthetic_fraction}")
     lengths = t.synthetic_lengths or [t.seq_len // 4, t.seq_len // 2, t.seq_len]
     synthetic = SyntheticTaskDataset(tokenizer, "all", lengths, seq_len=t.seq_len, seed=cfg.job.seed,
-                                     split="train", dp_rank=dp_rank, dp_degree=dp_degree)
-    if t.synthetic_workers > 0:
+                                     split="eval" if validation else "train", dp_rank=dp_rank,
+                                     dp_degree=dp_degree)
+    if t.synthetic_workers > 0 and not validation:
         from torchtitan_rtpurbo.data.prefetch import ParallelWindows
 
         synthetic = ParallelWindows(synthetic, t.synthetic_workers)
@@ -161,6 +164,8 @@ class Trainer:
         )
         self.metrics = MetricLogger(self.dump / cfg.metrics.save_tb_folder / cfg.job.mode, self.rank,
                                     cfg.metrics.enable_tensorboard, self.device, peak_flops(self.device))
+        self.val_batches = self._build_val_batches() if cfg.training.val_batches > 0 else []
+        self.val_history: dict[str, dict] = {}
         self.step = 0
         self.loss_history: list[float] = []
         if cfg.checkpoint.enable:
@@ -168,6 +173,47 @@ class Trainer:
             if state is not None:
                 self.step = int(state["step"])
                 logger.info(f"resumed at step {self.step}")
+
+    def _build_val_batches(self) -> list[dict]:
+        """A fixed set of held-out batches, measured before and after training (val/* metrics)."""
+        if hasattr(self.task, "build_val_batches"):
+            return self.task.build_val_batches(self)
+        loader = build_training_dataloader(self.cfg, self.tokenizer, self.dp_rank, self.parallel_dims.dp,
+                                           validation=True)
+        it = iter(loader)
+        return [self._to_device(next(it)) for _ in range(self.cfg.training.val_batches)]
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        if hasattr(self.task, "before_step"):
+            self.task.before_step(_unwrap_compiled(self.model), self.step, True)
+        tokens = int(all_reduce_sum(torch.tensor(float(sum(label_count(b) for b in self.val_batches)),
+                                                 device=self.device)).item())
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.val_batches:
+            _, m = self.task.loss(self.model, batch, max(tokens, 1), len(self.val_batches), self.parallel_dims.dp)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+        self.model.train(was_training)
+        out = {}
+        for k, v in sums.items():
+            v = all_reduce_sum(torch.as_tensor(v, device=self.device))
+            if k.endswith("_sum"):
+                out[k[:-4]] = (v / max(tokens, 1)).item()
+            else:
+                out[k] = (v / max(self.world, 1)).item()
+        return out
+
+    def _log_validation(self, when: str) -> None:
+        val = self.validate()
+        if not val:
+            return
+        self.val_history[when] = {"step": self.step, **val}
+        self.metrics.log(self.step, {f"val/{k}": v for k, v in val.items()}, prefix=f"validation ({when}) ")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -210,13 +256,17 @@ class Trainer:
         flops_per_token = self.model_args.flops_per_token(cfg.training.seq_len)
         self.model.train()
         logger.info(f"training {cfg.training.steps} steps from step {self.step}")
+        self._log_validation("before")
         while self.step < cfg.training.steps:
             batches = [self._to_device(next(data_iter)) for _ in range(cfg.training.gradient_accumulation_steps)]
+            log_step = (self.step + 1) % cfg.metrics.log_freq == 0 or self.step == 0 or self.step + 1 == cfg.training.steps
+            if hasattr(self.task, "before_step"):
+                self.task.before_step(_unwrap_compiled(self.model), self.step, log_step)
             out = self.train_step(batches)
             self.step += 1
             self.loss_history.append(out.get(self.task.primary_metric, float("nan")))
             self.metrics.add_tokens(sum(b["input"].numel() for b in batches))
-            if self.step % cfg.metrics.log_freq == 0 or self.step == 1 or self.step == cfg.training.steps:
+            if log_step:
                 tps, _ = self.metrics.throughput()
                 tokens = out.pop("tokens")
                 self.metrics.log(self.step, {f"{cfg.job.mode}/{k}": v for k, v in out.items()} |
@@ -224,9 +274,10 @@ class Trainer:
             if self.checkpointer.should_save(self.step, self.step == cfg.training.steps):
                 self.checkpointer.save(self.step, {"step": self.step})
         self.checkpointer.wait()
+        self._log_validation("after")
         if self.rank == 0:
             hist = {"mode": cfg.job.mode, "first_step": self.step - len(self.loss_history) + 1,
-                    "loss": self.loss_history}
+                    "loss": self.loss_history, "validation": self.val_history}
             (self.dump / f"loss_history_{cfg.job.mode}.json").write_text(json.dumps(hist))
         if hasattr(self.task, "finish"):
             self.task.finish(self)
@@ -253,6 +304,10 @@ class Trainer:
             logger.info(f"exported Hugging Face checkpoint to {path}")
         if dist.is_initialized():
             dist.barrier()
+
+
+def _unwrap_compiled(model):
+    return getattr(model, "_orig_mod", model)
 
 
 class _nullcontext:

@@ -60,6 +60,9 @@ class Training:
     gradient_accumulation_steps: int = 1
     steps: int = 100
     max_norm: float = 1.0
+    # >0: that many held-out batches (val documents + held-out synthetic tasks) are scored before and after
+    # training (val/* metrics, and "validation" in loss_history_<mode>.json)
+    val_batches: int = 0
     mixed_precision_param: str = "bfloat16"  # used on CUDA only; CPU trains in float32
     mixed_precision_reduce: str = "float32"
 
@@ -136,6 +139,8 @@ class RTPurbo:
     indexer_init: str = "svd"  # "svd" (from the head's own pre-RoPE q/k) or "random"
     top_p: float = 0.9
     block_size: int = 64
+    q_block_size: int = 128  # query-block granularity of sparse prefill selection (FlexAttention's Q block)
+    select_mode: str = "mean"  # sparse prefill block mass: "mean" of per-query softmaxes or "pooled" queries
     prefill: str = "dense"  # retrieval heads in prefill/training forward: "dense" (paper) or "sparse"
     # Calibration
     calib_num_sequences: int = 10

@@ -20,6 +20,7 @@ from models.rtpurbo.convert import (
     indexer_kl_loss,
     indexer_parameters,
     init_indexers,
+    iter_rtpurbo_backends,
     rtpurbo_density_report,
     set_rtpurbo_mode,
 )
@@ -83,6 +84,11 @@ class Stage1Task:
 
     def trainable_parameters(self, model):
         return [p for p in model.parameters() if p.requires_grad]
+
+    def before_step(self, model, step: int, log_step: bool) -> None:
+        # recall / density statistics cost ~3x the loss: compute them on logging steps only
+        for _, b in iter_rtpurbo_backends(model):
+            b.stage1_stats = log_step
 
     def loss(self, model, batch: dict, global_tokens: int, n_micro: int, dp: int):
         ctx = AttentionContext(collect={})

@@ -139,6 +139,22 @@ class Stage2Task:
                     f"batches, {nbytes / 2**20:.1f} MiB on the host")
         return TeacherCachedLoader(make_base, cache)
 
+    def build_val_batches(self, trainer) -> list[dict]:
+        from torchtitan_rtpurbo.train import build_training_dataloader
+
+        it = iter(build_training_dataloader(trainer.cfg, trainer.tokenizer, trainer.dp_rank,
+                                            trainer.parallel_dims.dp, validation=True))
+        batches = [trainer._to_device(next(it)) for _ in range(trainer.cfg.training.val_batches)]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if trainer.device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        was_training = trainer.model.training
+        trainer.model.eval()
+        with _dense_backends(_unwrap(trainer.model)):
+            for b in batches:
+                b.update({k: v for k, v in self._teacher_targets(trainer.model, b, autocast).items()})
+        trainer.model.train(was_training)
+        return batches
+
     # ---- loss ----
     def loss(self, model, batch: dict, global_tokens: int, n_micro: int, dp: int):
         ctx = AttentionContext(collect={})
