@@ -171,6 +171,7 @@ class Eval:
     batch_size: int = 4
     perplexity_seq_len: int = 0  # 0: no perplexity
     perplexity_max_docs: int = 4
+    perplexity_max_windows: int = 8  # seq_len windows scored in all (the longest documents come first)
     # Models of the comparison to leave out: dense is always run; streaming, duo, topk, rtpurbo_s1.
     skip_models: list[str] = field(default_factory=list)
 

@@ -185,7 +185,8 @@ def run_comparison(cfg, device: torch.device) -> dict:
 
         for name, (m, _) in modules.items():  # held-out stdlib "test" documents, same windows for all
             comparison["models"][name]["perplexity"] = perplexity(
-                m, tok, None, ev.perplexity_seq_len, ev.perplexity_max_docs, device=device, return_details=True)
+                m, tok, None, ev.perplexity_seq_len, ev.perplexity_max_docs, device=device, return_details=True,
+                max_windows=ev.perplexity_max_windows)
         comparison["config"]["perplexity_seq_len"] = ev.perplexity_seq_len
     # Fixed-budget baseline at RTPurbo's measured mean kept blocks (the paper's top-k vs top-p claim).
     if "rtpurbo" in comparison["models"] and "topk" not in ev.skip_models:
