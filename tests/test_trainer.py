@@ -73,3 +73,19 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
     (tmp_path / "step-5.partial" / ".metadata").write_text("x")
     (tmp_path / "step-2").mkdir()  # renamed but without metadata: not complete either
     assert complete_steps(tmp_path) == []
+
+
+def test_activation_checkpointing_gives_identical_losses(single_run, tmp_path):
+    for mode in ("full", "selective"):
+        dump = tmp_path / mode
+        _run(["--training.steps", "6", "--training.local_batch_size", "4", "--job.dump_folder", str(dump),
+              "--activation_checkpoint.mode", mode, "--activation_checkpoint.selective_ac_option", "2"])
+        # same initial weights, same data: AC recomputes activations, it must not change the numbers
+        assert all(abs(a - b) < 1e-5 for a, b in zip(_losses(dump), single_run)), (mode, _losses(dump))
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "torchtitan_rtpurbo.train", *COMMON, "--training.stepz", "3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "unknown key 'training.stepz'" in p.stderr

@@ -29,8 +29,7 @@ def _setup(cfg: JobConfig):
 
 def run_calibrate(cfg: JobConfig) -> dict | None:
     """Needle-repeat calibration of head roles on the dense model -> roles JSON + heatmap + summary."""
-    from models.rtpurbo.calibrate import calibrate_retrieval_scores, plot_scores_heatmap, stability_overlap
-    from models.rtpurbo.roles import build_roles, roles_from_config
+    from models.rtpurbo.calibrate import calibrate_roles, plot_scores_heatmap
     from torchtitan_rtpurbo.data import build_tokenizer
     from torchtitan_rtpurbo.tasks.stage1 import calibration_sequences, roles_path
     from torchtitan_rtpurbo.train import load_base_model
@@ -39,35 +38,17 @@ def run_calibrate(cfg: JobConfig) -> dict | None:
     summary = None
     if rank == 0:  # calibration is one forward per sequence: no need to spread it
         t0 = time.perf_counter()
-        rt = cfg.rtpurbo
         tokenizer = build_tokenizer(cfg.model.tokenizer_path)
         args, model, _ = load_base_model(cfg, device, tokenizer.vocab_size)
         seqs = calibration_sequences(cfg, tokenizer)
-        per_seq = calibrate_retrieval_scores(model, seqs, return_per_sequence=True)
-        scores = per_seq.mean(0)
-        method = (f"needle-repeat: {len(seqs)} sequences of lengths {rt.calib_lengths}, needle "
-                  f"{rt.calib_needle_tokens} tokens; R_h = mean attention mass of the later needle on the earlier")
-        roles = roles_from_config(scores, args, rt, method=method)
+        roles, per_seq, summary = calibrate_roles(model, seqs, cfg.rtpurbo)
         out = roles_path(cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
         roles.save_json(out)
         heatmap = Path(cfg.job.dump_folder) / "roles_heatmap.png"
-        plot_scores_heatmap(scores, roles, str(heatmap))
-        # Stability (1 sequence vs all) and the other granularity, for the report.
-        one = roles_from_config(per_seq[0], args, rt)
-        other_gran = "kv_head" if rt.granularity == "query_head" else "query_head"
-        other = build_roles(scores, model_args=args, granularity=other_gran,
-                            ratio=rt.retrieval_ratio, window=rt.window, sinks=rt.sinks)
-        summary = {
-            "roles_file": str(out), "heatmap": str(heatmap), "num_sequences": len(seqs),
-            "retrieval_heads": roles.num_retrieval(), "retrieval_fraction": roles.retrieval_fraction(),
-            "full_kv_fraction": roles.full_kv_fraction(), "granularity": rt.granularity,
-            "stability_overlap_1_vs_all": stability_overlap(one, roles),
-            f"{other_gran}_full_kv_fraction": other.full_kv_fraction(),
-            f"{other_gran}_overlap_with_chosen": stability_overlap(other, roles),
-            "score_max": float(scores.max()), "score_mean": float(scores.mean()),
-            "seconds": time.perf_counter() - t0,
-        }
+        plot_scores_heatmap(per_seq.mean(0), roles, str(heatmap), n_kv_heads=args.n_kv_heads)
+        summary = {"roles_file": str(out), "heatmap": str(heatmap), **summary,
+                   "seconds": time.perf_counter() - t0}
         (Path(cfg.job.dump_folder) / "calibration_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(roles.summary())
         logger.info("calibration: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"

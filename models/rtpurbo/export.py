@@ -101,7 +101,7 @@ def config_from_section(section: dict[str, Any]):
 
 
 @contextmanager
-def _dense_backends(model: nn.Module):
+def dense_backends(model: nn.Module):
     """Temporarily give every layer a plain dense backend, so the saved backbone state dict holds exactly
     the original model's parameters (the indexers travel as extra tensors)."""
     from models.attention import DenseAttention
@@ -123,7 +123,7 @@ def save_rtpurbo_checkpoint(model: nn.Module, roles: HeadRoles, cfg: Any, path: 
 
     section = rtpurbo_config_section(model, roles, cfg)
     tensors = indexer_state_dict(model)
-    with _dense_backends(model):
+    with dense_backends(model):
         save_hf_checkpoint(model, path, extra_config=section, extra_tensors=tensors, **kwargs)
 
 

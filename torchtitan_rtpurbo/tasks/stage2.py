@@ -29,7 +29,7 @@ from models.rtpurbo.convert import (
     rtpurbo_density_report,
     set_rtpurbo_mode,
 )
-from models.rtpurbo.export import _dense_backends
+from models.rtpurbo.export import dense_backends
 from torchtitan_rtpurbo.tasks.pretrain import IGNORE_INDEX, model_inputs
 from torchtitan_rtpurbo.tasks.stage1 import export_rtpurbo
 
@@ -126,7 +126,7 @@ class Stage2Task:
         t_model = trainer.model
         was_training = t_model.training
         t_model.eval()
-        with _dense_backends(_unwrap(t_model)):
+        with dense_backends(_unwrap(t_model)):
             for i, batch in enumerate(make_base()):
                 if i >= n:
                     break
@@ -149,7 +149,7 @@ class Stage2Task:
                     else torch.autocast("cpu", enabled=False))
         was_training = trainer.model.training
         trainer.model.eval()
-        with _dense_backends(_unwrap(trainer.model)):
+        with dense_backends(_unwrap(trainer.model)):
             for b in batches:
                 b.update({k: v for k, v in self._teacher_targets(trainer.model, b, autocast).items()})
         trainer.model.train(was_training)
