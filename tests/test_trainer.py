@@ -89,3 +89,11 @@ def test_bad_config_is_one_clear_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torchtitan_rtpurbo.train", *COMMON, "--training.stepz", "3"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "unknown key 'training.stepz'" in p.stderr
+
+
+def test_torchao_low_precision_optimizer_trains(tmp_path):
+    pytest.importorskip("torchao")
+    _run(["--training.steps", "6", "--training.local_batch_size", "4", "--job.dump_folder", str(tmp_path),
+          "--optimizer.name", "AdamW8bit"])
+    losses = _losses(tmp_path)
+    assert len(losses) == 6 and all(l == l for l in losses) and losses[-1] < losses[0]
