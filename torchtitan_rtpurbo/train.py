@@ -300,7 +300,8 @@ class Trainer:
             dtype = getattr(torch, self.cfg.checkpoint.export_dtype)
             plain = build_model(self.model_args, device="cpu", init=False)
             plain.load_state_dict(sd)
-            save_hf_checkpoint(plain, path, dtype=dtype)
+            save_hf_checkpoint(plain, path, dtype=dtype,
+                               max_shard_size_bytes=self.cfg.checkpoint.export_max_shard_mb * 2**20)
             logger.info(f"exported Hugging Face checkpoint to {path}")
         if dist.is_initialized():
             dist.barrier()

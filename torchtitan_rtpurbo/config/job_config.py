@@ -104,6 +104,7 @@ class Checkpoint:
     export_hf: bool = False
     export_folder: str = "hf_export"
     export_dtype: str = "float32"
+    export_max_shard_mb: int = 5120  # safetensors shard size of the export (small shards travel easier)
 
 
 @dataclass
