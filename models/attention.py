@@ -48,6 +48,16 @@ def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None = None, scale: float | 
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
+def dense_causal_attention(q, k, v, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Full causal attention with GQA: SDPA (cuDNN / flash on GPU); packed documents go to FlexAttention on
+    CUDA (a BlockMask from block indices, never a T x T mask) and to a dense mask on CPU (short T)."""
+    if q.is_cuda and needs_document_mask(doc_ids):
+        from kernels.masks import causal_attention
+
+        return causal_attention(q, k, v, doc_ids=doc_ids)
+    return sdpa_attention(q, k, v, doc_ids)
+
+
 class DenseAttention(nn.Module):
     """Full causal attention through SDPA or FlexAttention."""
 
@@ -63,7 +73,7 @@ class DenseAttention(nn.Module):
             from kernels.masks import causal_attention
 
             return causal_attention(q, k, v, doc_ids=doc_ids)
-        return sdpa_attention(q, k, v, doc_ids)
+        return dense_causal_attention(q, k, v, doc_ids)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import AttentionContext, needs_document_mask, sdpa_attention
+from models.attention import AttentionContext
+from models.attention import dense_causal_attention as dense_attention
 from models.rtpurbo.indexer import LayerIndexer
 
 MODES = ("infer", "stage1", "stage2")
@@ -62,16 +63,6 @@ def local_attention(q, k, v, *, window: int, sinks: int, doc_ids=None) -> torch.
 
     mask = local_mask_dense(q.shape[2], window, sinks, device=q.device, doc_ids=doc_ids)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def dense_attention(q, k, v, doc_ids=None) -> torch.Tensor:
-    """Full causal (document-masked) attention with GQA: SDPA, or FlexAttention for packed documents on
-    CUDA (no T x T mask)."""
-    if q.is_cuda and needs_document_mask(doc_ids):
-        from kernels.masks import causal_attention
-
-        return causal_attention(q, k, v, doc_ids=doc_ids)
-    return sdpa_attention(q, k, v, doc_ids)
 
 
 def sparse_retrieval_attention(
