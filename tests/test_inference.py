@@ -1,0 +1,227 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.attention import AttentionContext
+from models.inference import InferenceEngine, KVCacheMemoryError, RoleKVCache, sample_next
+from models.qwen3 import build_model, get_flavor
+from models.rtpurbo.convert import apply_rtpurbo
+from models.rtpurbo.roles import HeadRoles
+from torchtitan_rtpurbo.config.job_config import RTPurbo
+
+# debug flavour: 4 layers, 8 query heads, 2 KV heads (heads 0-3 read KV 0, heads 4-7 read KV 1).
+# Layer 0: retrieval 0,1 -> KV 0 full (local 2,3 read it with the window mask), KV 1 sinks + ring.
+# Layer 1: retrieval 5 -> KV 1 full, KV 0 ring. Layer 2: all local (ring only). Layer 3: all retrieval.
+RETRIEVAL = [[0, 1], [5], [], list(range(8))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is much faster than several on a shared CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    return build_model(get_flavor("debug")).eval()
+
+
+def rtpurbo_copy(model, *, window, sinks=2, top_p=1.0, block_size=8):
+    m = copy.deepcopy(model)
+    flags = [[h in r for h in range(8)] for r in RETRIEVAL]
+    roles = HeadRoles(scores=[[float(x) for x in row] for row in flags], retrieval=flags, window=window, sinks=sinks)
+    cfg = RTPurbo(window=window, sinks=sinks, top_p=top_p, block_size=block_size, indexer_dim=8)
+    torch.manual_seed(1)
+    apply_rtpurbo(m, roles, cfg, check=False)
+    return m.eval()
+
+
+def prompt(n, seed):
+    return torch.randint(0, 4096, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def greedy_by_forward(model, toks, n_new):
+    toks = list(toks)
+    out = []
+    for _ in range(n_new):
+        nxt = int(model(torch.tensor([toks]))[0, -1].argmax())
+        out.append(nxt)
+        toks.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "rtpurbo"])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_prefill_matches_forward(dense, kind, chunk):
+    model = dense if kind == "dense" else rtpurbo_copy(dense, window=5, sinks=2)
+    toks = torch.tensor([prompt(37, 0), prompt(37, 1)])
+    ref = model(toks)
+    eng = InferenceEngine(model, max_len=64, chunk_size=chunk)
+    got = eng.prefill(toks, [37, 37], all_logits=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    last = InferenceEngine(model, max_len=64, chunk_size=chunk).prefill(toks, [37, 37])
+    torch.testing.assert_close(last, ref[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_greedy_matches_full_forward(dense):
+    p = prompt(11, 2)
+    ref = greedy_by_forward(dense, p, 12)
+    res = InferenceEngine(dense, max_len=32, chunk_size=4).generate([p], max_new_tokens=12)
+    assert res.tokens[0] == ref
+    assert res.decode_steps == 11 and res.mean_density is None
+
+
+def test_rtpurbo_top_p_one_wide_window_equals_dense(dense):
+    p = prompt(11, 3)
+    ref = InferenceEngine(dense, max_len=64, chunk_size=4).generate([p], max_new_tokens=12).tokens[0]
+    rt = rtpurbo_copy(dense, window=40, sinks=2, top_p=1.0)  # window + sinks < max_len: rings are used
+    eng = InferenceEngine(rt, max_len=64, chunk_size=4)
+    assert any(p_.ring_kv for p_ in RoleKVCache(rt, 1, 64).plans)
+    res = eng.generate([p], max_new_tokens=12)
+    assert res.tokens[0] == ref
+    assert res.mean_density == pytest.approx(1.0)
+
+
+def test_rtpurbo_small_window_matches_rtpurbo_forward(dense):
+    """Local heads through sinks + ring (window 5 < context) decode like the model's own windowed forward."""
+    rt = rtpurbo_copy(dense, window=5, sinks=2, top_p=1.0)
+    p = prompt(13, 4)
+    ref = greedy_by_forward(rt, p, 10)
+    res = InferenceEngine(rt, max_len=48, chunk_size=3).generate([p], max_new_tokens=10)
+    assert res.tokens[0] == ref
+
+
+def test_rtpurbo_sparse_decode_matches_decode_rows_emulation(dense):
+    """top_p < 1: decode logits equal the model's no-cache decode emulation (ctx.extras['decode_from'])."""
+    rt = rtpurbo_copy(dense, window=4, sinks=2, top_p=0.5, block_size=4)
+    p = prompt(30, 5)
+    eng = InferenceEngine(rt, max_len=64, chunk_size=8)
+    res = eng.generate([p], max_new_tokens=8)
+    seq = p + res.tokens[0]
+    ctx = AttentionContext(collect={})
+    ctx.extras["decode_from"] = len(p)
+    with torch.no_grad():
+        ref = rt(torch.tensor([seq]), ctx=ctx)[0]
+    # re-run the engine teacher-forced to get its decode logits
+    eng2 = InferenceEngine(rt, max_len=64, chunk_size=8)
+    logits = [eng2.prefill(torch.tensor([p]), [len(p)])[0]]
+    for t in res.tokens[0][:-1]:
+        logits.append(eng2.decode_step(torch.tensor([t]))[0])
+    got = torch.stack(logits)
+    torch.testing.assert_close(got, ref[len(p) - 1: len(seq) - 1], atol=1e-4, rtol=1e-4)
+    assert 0.0 < res.mean_density < 1.0
+
+
+@pytest.mark.parametrize("kind", ["dense", "rtpurbo"])
+def test_batch_with_different_lengths_equals_one_at_a_time(dense, kind):
+    model = dense if kind == "dense" else rtpurbo_copy(dense, window=5, sinks=2, top_p=0.6, block_size=4)
+    prompts = [prompt(9, 6), prompt(23, 7)]
+    eng = InferenceEngine(model, max_len=48, chunk_size=8)
+    batch = eng.generate(prompts, max_new_tokens=9)
+    for b, pr in enumerate(prompts):
+        single = InferenceEngine(model, max_len=48, chunk_size=8).generate([pr], max_new_tokens=9)
+        assert batch.tokens[b] == single.tokens[0]
+
+
+def test_stop_tokens_and_sampling(dense):
+    p = prompt(8, 8)
+    ref = InferenceEngine(dense, max_len=32).generate([p], max_new_tokens=6).tokens[0]
+    stop = ref[2]
+    res = InferenceEngine(dense, max_len=32).generate([p], max_new_tokens=6, stop_tokens=[stop])
+    assert res.tokens[0] == ref[: ref.index(stop) + 1] and res.finished == [True]
+    a = InferenceEngine(dense, max_len=32).generate([p], max_new_tokens=5, temperature=0.8, top_k=50, top_p=0.9,
+                                                    seed=3)
+    b = InferenceEngine(dense, max_len=32).generate([p], max_new_tokens=5, temperature=0.8, top_k=50, top_p=0.9,
+                                                    seed=3)
+    assert a.tokens == b.tokens and len(a.tokens[0]) == 5
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    assert all(int(sample_next(logits, temperature=1.0, top_k=1)) == 1 for _ in range(5))
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, temperature=1.0, top_p=0.6, generator=g)) for _ in range(50)}
+    assert picks <= {1, 2}
+
+
+def test_memory_report_and_too_large_request(dense):
+    rt = rtpurbo_copy(dense, window=8, sinks=2)
+    d = RoleKVCache(dense, 2, 512).memory_report()
+    r = RoleKVCache(rt, 2, 512).memory_report()
+    assert r["bytes_per_token"] < d["bytes_per_token"] == d["dense_bytes_per_token"]
+    assert r["total_bytes"] < r["dense_total_bytes"]
+    assert d["total_bytes"] == 2 * 512 * d["dense_bytes_per_token"]
+    with pytest.raises(KVCacheMemoryError) as e:
+        RoleKVCache(dense, 4, 1 << 20, memory_limit_bytes=1 << 20)
+    need = 4 * (1 << 20) * d["dense_bytes_per_token"]
+    assert str(need) in str(e.value) and str(1 << 20) in str(e.value)
+    with pytest.raises(ValueError, match="longer than max_len"):
+        InferenceEngine(dense, max_len=8).generate([prompt(9, 0)], max_new_tokens=1)
+
+
+# ---- scripts/generate.py: runs on the shipped tiny teacher; bad inputs are one error line, exit code 2 ----
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = str(ROOT / "assets/tokenizer/stdlib_sp4096.model")
+TEACHER = str(ROOT / "assets/teachers/tiny")
+
+
+def _generate(argv, capsys):
+    from scripts.generate import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr()
+
+
+def test_generate_script_runs(tmp_path, capsys):
+    pf = tmp_path / "p.txt"
+    pf.write_text("def main(argv=None):\n    ")
+    rc, out = _generate(["--checkpoint", TEACHER, "--tokenizer", TOKENIZER, "--prompt-file", str(pf),
+                         "--max-new-tokens", "8", "--max-len", "64", "--device", "cpu"], capsys)
+    assert rc == 0, out.err
+    assert "time to first token" in out.err and "tokens/s" in out.err and "KV cache" in out.err
+
+
+def test_generate_script_errors(tmp_path, capsys):
+    pf = tmp_path / "p.txt"
+    pf.write_text("import os\n" * 40)
+    base = ["--tokenizer", TOKENIZER, "--prompt-file", str(pf), "--device", "cpu", "--max-new-tokens", "2"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(open(f"{TEACHER}/config.json").read())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    small_vocab = tmp_path / "small_vocab"
+    from models.hf_checkpoint import save_hf_checkpoint
+
+    args = get_flavor("debug")
+    args.vocab_size = 512
+    save_hf_checkpoint(build_model(args), small_vocab)
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing")], "no config.json"),
+        (["--checkpoint", str(bad)], "cannot read config.json"),
+        (["--checkpoint", str(corrupt)], "could not be loaded"),
+        (["--checkpoint", str(small_vocab)], "exceeds the model's (512)"),
+        (["--checkpoint", TEACHER, "--max-len", "16"], "longer than --max-len 16"),
+    ]
+    for extra, msg in cases:
+        rc, out = _generate(base + extra, capsys)
+        lines = out.err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], out.err
+
+
+def test_moe_model_chunked_prefill_and_greedy():
+    torch.manual_seed(0)
+    moe = build_model(get_flavor("debug_moe")).eval()
+    toks = torch.tensor([prompt(30, 9), prompt(30, 10)])
+    with torch.no_grad():
+        ref = moe(toks)
+    got = InferenceEngine(moe, max_len=40, chunk_size=7).prefill(toks, [30, 30], all_logits=True)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    p = prompt(10, 11)
+    assert InferenceEngine(moe, max_len=40).generate([p], max_new_tokens=5).tokens[0] == greedy_by_forward(moe, p, 5)
