@@ -27,6 +27,7 @@ from torchtitan_rtpurbo.distributed.utils import (
     init_distributed,
     peak_flops,
     set_determinism,
+    unwrap_compiled,
 )
 from torchtitan_rtpurbo.metrics.logger import MetricLogger, init_logging
 from torchtitan_rtpurbo.optimizer import build_lr_scheduler, build_optimizer
@@ -190,7 +191,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         if hasattr(self.task, "before_step"):
-            self.task.before_step(_unwrap_compiled(self.model), self.step, True)
+            self.task.before_step(unwrap_compiled(self.model), self.step, True)
         tokens = int(all_reduce_sum(torch.tensor(float(sum(label_count(b) for b in self.val_batches)),
                                                  device=self.device)).item())
         sums: dict[str, torch.Tensor] = {}
@@ -199,13 +200,21 @@ class Trainer:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
         self.model.train(was_training)
+        return self._reduce_metrics(sums, max(tokens, 1))
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], global_tokens: int) -> dict[str, float]:
+        """Per-rank metric sums -> global values, in ONE all-reduce and one host sync: "<name>_sum" keys are
+        divided by the global label-token count (and lose the suffix), the others averaged over ranks."""
+        if not sums:
+            return {}
+        keys = list(sums)
+        total = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys]))
         out = {}
-        for k, v in sums.items():
-            v = all_reduce_sum(torch.as_tensor(v, device=self.device))
+        for k, v in zip(keys, total.tolist()):
             if k.endswith("_sum"):
-                out[k[:-4]] = (v / max(tokens, 1)).item()
+                out[k[:-4]] = v / global_tokens
             else:
-                out[k] = (v / max(self.world, 1)).item()
+                out[k] = v / max(self.world, 1)
         return out
 
     def _log_validation(self, when: str) -> None:
@@ -240,11 +249,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        out = {}
-        for k, v in sums.items():
-            v = all_reduce_sum(torch.as_tensor(v, device=self.device))
-            out[k] = (v / global_tokens).item() if k.endswith("_sum") else (v / max(self.world, 1)).item()
-        out = {(k[:-4] if k.endswith("_sum") else k): v for k, v in out.items()}
+        out = self._reduce_metrics(sums, global_tokens)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = lr
         out["tokens"] = global_tokens
@@ -261,7 +266,7 @@ class Trainer:
             batches = [self._to_device(next(data_iter)) for _ in range(cfg.training.gradient_accumulation_steps)]
             log_step = (self.step + 1) % cfg.metrics.log_freq == 0 or self.step == 0 or self.step + 1 == cfg.training.steps
             if hasattr(self.task, "before_step"):
-                self.task.before_step(_unwrap_compiled(self.model), self.step, log_step)
+                self.task.before_step(unwrap_compiled(self.model), self.step, log_step)
             out = self.train_step(batches)
             self.step += 1
             self.loss_history.append(out.get(self.task.primary_metric, float("nan")))
@@ -305,10 +310,6 @@ class Trainer:
             logger.info(f"exported Hugging Face checkpoint to {path}")
         if dist.is_initialized():
             dist.barrier()
-
-
-def _unwrap_compiled(model):
-    return getattr(model, "_orig_mod", model)
 
 
 class _nullcontext:

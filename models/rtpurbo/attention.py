@@ -34,7 +34,9 @@ ctx.collect keys written (lists, one entry per layer with retrieval heads, in fo
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
+
 
 import torch
 import torch.nn as nn
@@ -50,6 +52,14 @@ MODES = ("infer", "stage1", "stage2")
 # ----------------------------------------------------------------------------------------------------------
 # attention pieces (kernels/ does the work: FlexAttention masks, block top-p selection, block-sparse prefill)
 # ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _cached_local_mask(T: int, window: int, sinks: int, device: str) -> torch.Tensor:
+    """One [1, 1, T, T] mask per shape, shared by every layer and forward (CPU path, short T)."""
+    from kernels.masks import local_mask_dense
+
+    return local_mask_dense(T, window, sinks, device=torch.device(device))[:, None]
+
+
 def local_attention(q, k, v, *, window: int, sinks: int, doc_ids=None) -> torch.Tensor:
     """Window + sinks attention (kernels/masks.py: key n visible from query m iff n <= m, same document, and
     m - n < window or n is one of the first `sinks` tokens of the document). GQA."""
@@ -59,9 +69,12 @@ def local_attention(q, k, v, *, window: int, sinks: int, doc_ids=None) -> torch.
         return _flex(q, k, v, window=window, sinks=sinks, doc_ids=doc_ids)
     # CPU (short sequences): SDPA with the dense boolean mask is ~10x faster than eager FlexAttention or the
     # fp32 einsum reference, and equal to it (tests/test_rtpurbo_attention.py).
-    from kernels.masks import local_mask_dense
+    if doc_ids is None:
+        mask = _cached_local_mask(q.shape[2], window, sinks, str(q.device))
+    else:
+        from kernels.masks import local_mask_dense
 
-    mask = local_mask_dense(q.shape[2], window, sinks, device=q.device, doc_ids=doc_ids)[:, None]
+        mask = local_mask_dense(q.shape[2], window, sinks, device=q.device, doc_ids=doc_ids)[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -84,3 +84,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return norm
+
+
+def unwrap_compiled(model):
+    """The module under a torch.compile wrapper (FSDP2 / AC keep the module itself)."""
+    return getattr(model, "_orig_mod", model)

@@ -30,8 +30,10 @@ from models.rtpurbo.convert import (
     set_rtpurbo_mode,
 )
 from models.rtpurbo.export import dense_backends
+from torchtitan_rtpurbo.distributed.utils import unwrap_compiled
 from torchtitan_rtpurbo.tasks.pretrain import IGNORE_INDEX, model_inputs
 from torchtitan_rtpurbo.tasks.stage1 import export_rtpurbo
+
 
 logger = logging.getLogger("torchtitan_rtpurbo")
 
@@ -126,7 +128,7 @@ class Stage2Task:
         t_model = trainer.model
         was_training = t_model.training
         t_model.eval()
-        with dense_backends(_unwrap(t_model)):
+        with dense_backends(unwrap_compiled(t_model)):
             for i, batch in enumerate(make_base()):
                 if i >= n:
                     break
@@ -149,7 +151,7 @@ class Stage2Task:
                     else torch.autocast("cpu", enabled=False))
         was_training = trainer.model.training
         trainer.model.eval()
-        with dense_backends(_unwrap(trainer.model)):
+        with dense_backends(unwrap_compiled(trainer.model)):
             for b in batches:
                 b.update({k: v for k, v in self._teacher_targets(trainer.model, b, autocast).items()})
         trainer.model.train(was_training)
@@ -181,7 +183,3 @@ class Stage2Task:
         from models.rtpurbo.roles import HeadRoles  # noqa: F401  (roles travel with the model)
 
         export_rtpurbo(trainer, trainer.rtpurbo_roles, Path(trainer.cfg.job.dump_folder) / "stage2")
-
-
-def _unwrap(model):
-    return getattr(model, "_orig_mod", model)
