@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
