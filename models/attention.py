@@ -42,6 +42,12 @@ def needs_document_mask(doc_ids: torch.Tensor | None) -> bool:
 def sdpa_attention(q, k, v, doc_ids: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal (optionally document-masked) SDPA with GQA."""
     gqa = q.shape[1] != k.shape[1]
+    if gqa and q.is_cuda and q.dtype == torch.float32:
+        # CUDA float32 + enable_gqa has no fused kernel (flash/cuDNN need 16-bit, mem-efficient has no GQA):
+        # SDPA would fall back to the math path and build the T x T score matrix (96 GiB at 16K, batch 6).
+        # Expanding K/V to the query heads keeps the memory-efficient kernel.
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if needs_document_mask(doc_ids):
         mask = document_causal_mask(doc_ids)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -4,6 +4,7 @@ and pipeline (run several stage configs in order: the README's main job).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -62,7 +63,14 @@ def run_eval(cfg: JobConfig) -> dict | None:
     from torchtitan_rtpurbo.evaluation.compare import run_comparison
 
     rank, device = _setup(cfg)
-    result = run_comparison(cfg, device) if rank == 0 else None
+    result = None
+    if rank == 0:
+        # On CUDA the models run as they were trained (bf16 autocast): fused attention kernels, half the memory.
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        if device.type == "cuda":
+            logger.info("eval: bf16 autocast on CUDA (as in training)")
+        with autocast:
+            result = run_comparison(cfg, device)
     if dist.is_initialized():
         dist.barrier()
     return result
