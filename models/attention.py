@@ -5,13 +5,13 @@ Every backend is an nn.Module called as
 with q [B, Hq, T, D], k/v [B, Hkv, T, D] after RoPE, and q_pre/k_pre the same before RoPE (after QK-norm),
 which the RTPurbo indexer needs. `ctx` carries what is shared by all layers of one forward: document ids
 for packed sequences, a dict where backends may leave losses/statistics (stage 1 KL, kept density), and
-later the KV cache. RTPurbo replaces `layer.attention.inner_attention` with its own backend
+later the KV cache, and under context parallelism the CPContext (ctx.extras["cp"]; then q/k/v hold only this
+rank's tokens, see torchtitan_rtpurbo/distributed/context_parallel.py). RTPurbo replaces `layer.attention.inner_attention` with its own backend
 (models/rtpurbo/convert.py); the model code does not change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,12 +19,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
 class AttentionContext:
-    doc_ids: torch.Tensor | None = None  # [B, T] document index of each token (packed sequences)
-    collect: dict[str, Any] | None = None  # backends append statistics / auxiliary losses here
-    kv_cache: Any = None  # inference cache (None in training)
-    extras: dict[str, Any] = field(default_factory=dict)
+    """Per-forward state shared by every layer; each layer must see THIS object (not a copy), since the
+    backends append to ctx.collect and read ctx.extras.
+
+    Deliberately a plain class, not a dataclass: FSDP2 walks dataclasses, dicts and lists in a block's
+    arguments (input casting, and post-backward hooks on every grad-requiring tensor it finds) and rebuilds
+    them, so from the first grad-requiring entry in ctx.collect on (stage-1 KL, MoE aux loss) every later
+    block would have received a fresh copy and its statistics would never reach the task."""
+
+    __slots__ = ("doc_ids", "collect", "kv_cache", "extras")
+
+    def __init__(self, doc_ids: torch.Tensor | None = None, collect: dict[str, Any] | None = None,
+                 kv_cache: Any = None, extras: dict[str, Any] | None = None):
+        self.doc_ids = doc_ids  # [B, T] document index of each token (packed sequences)
+        self.collect = collect  # backends append statistics / auxiliary losses here
+        self.kv_cache = kv_cache  # inference cache (None in training)
+        self.extras = {} if extras is None else extras  # e.g. "cp": CPContext, "decode_from": int
+
+    def __repr__(self) -> str:
+        return (f"AttentionContext(doc_ids={None if self.doc_ids is None else tuple(self.doc_ids.shape)}, "
+                f"collect={None if self.collect is None else sorted(self.collect)}, "
+                f"kv_cache={type(self.kv_cache).__name__}, extras={sorted(self.extras)})")
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +81,15 @@ def dense_causal_attention(q, k, v, doc_ids: torch.Tensor | None = None) -> torc
 
 
 class DenseAttention(nn.Module):
-    """Full causal attention through SDPA or FlexAttention."""
+    """Full causal attention through SDPA or FlexAttention.
+
+    Context parallel aware by itself: with a CPContext in ctx.extras["cp"], q/k/v are this rank's tokens
+    (load-balanced layout) and the exact result comes from all-gathering K/V (cp_dense_attention); without
+    one it is the plain path, so one model trains under CP and evaluates without it. It is built in, not a
+    subclass swapped in by apply_cp, because stage 2's teacher (models/rtpurbo/export.py dense_backends)
+    installs fresh DenseAttention modules inside a CP-parallelised model."""
+
+    supports_context_parallel = True  # parallelize.apply_cp keeps backends that declare this
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
@@ -74,6 +98,13 @@ class DenseAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q, k, v, *, q_pre=None, k_pre=None, ctx: AttentionContext | None = None):
+        cp = ctx.extras.get("cp") if ctx is not None else None
+        if cp is not None:
+            from torchtitan_rtpurbo.distributed.context_parallel import cp_dense_attention
+
+            # the global doc ids travel in the CPContext (ctx.doc_ids are the local ones); "flex" and
+            # "sdpa" are the same math, cp_dense_attention picks SDPA or FlexAttention per chunk itself
+            return cp_dense_attention(q, k, v, cp)
         doc_ids = ctx.doc_ids if ctx is not None else None
         if self.backend == "flex":
             from kernels.masks import causal_attention

@@ -135,7 +135,10 @@ class Trainer:
                                           par.context_parallel_degree, self.world)
         self.mesh = self.parallel_dims.build_mesh(self.device.type) if self.world > 1 else None
         dp = self.parallel_dims.dp
+        # The data loader is sharded over "dp" only: the cp ranks of one dp group read the same full
+        # sequences and each keeps its part of them (cp_shard).
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.cp_group = self._build_cp_group(cfg)
 
         from torchtitan_rtpurbo.data import build_tokenizer
 
@@ -175,6 +178,26 @@ class Trainer:
                 self.step = int(state["step"])
                 logger.info(f"resumed at step {self.step}")
 
+    def _build_cp_group(self, cfg: JobConfig):
+        """The cp process group (None without context parallelism), after checking the sequence length."""
+        cp = self.parallel_dims.cp
+        if cp == 1:
+            return None
+        if cfg.training.seq_len < 2 * cp:
+            raise ValueError(f"training.seq_len = {cfg.training.seq_len} is shorter than 2 x "
+                             f"parallelism.context_parallel_degree (2 x {cp} = {2 * cp}): the CP layout cuts "
+                             f"each sequence into 2 x cp chunks")
+        return self.mesh["cp"].get_group()
+
+    def cp_shard(self, batch: dict) -> dict:
+        """A full micro-batch -> this rank's part of it under context parallelism (batch["cp"] holds the
+        CPContext), or the batch itself without CP. Tasks see only the sharded batch."""
+        if self.cp_group is None:
+            return batch
+        from torchtitan_rtpurbo.distributed.context_parallel import shard_batch
+
+        return shard_batch(batch, self.cp_group, use_doc_ids=self.cfg.training.document_mask)
+
     def _build_val_batches(self) -> list[dict]:
         """A fixed set of held-out batches, measured before and after training (val/* metrics)."""
         if hasattr(self.task, "build_val_batches"):
@@ -182,7 +205,7 @@ class Trainer:
         loader = build_training_dataloader(self.cfg, self.tokenizer, self.dp_rank, self.parallel_dims.dp,
                                            validation=True)
         it = iter(loader)
-        return [self._to_device(next(it)) for _ in range(self.cfg.training.val_batches)]
+        return [self.cp_shard(self._to_device(next(it))) for _ in range(self.cfg.training.val_batches)]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -204,14 +227,18 @@ class Trainer:
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], global_tokens: int) -> dict[str, float]:
         """Per-rank metric sums -> global values, in ONE all-reduce and one host sync: "<name>_sum" keys are
-        divided by the global label-token count (and lose the suffix), the others averaged over ranks."""
+        divided by the global label-token count (and lose the suffix); "<name>_cpsum" keys are per-rank
+        shares that add up over the cp ranks of a sequence (stage 1's KL under CP): summed over cp, averaged
+        over dp; the others are averaged over all ranks (dp x cp)."""
         if not sums:
             return {}
         keys = list(sums)
         total = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys]))
         out = {}
         for k, v in zip(keys, total.tolist()):
-            if k.endswith("_sum"):
+            if k.endswith("_cpsum"):
+                out[k[:-6]] = v / max(self.world // self.parallel_dims.cp, 1)
+            elif k.endswith("_sum"):
                 out[k[:-4]] = v / global_tokens
             else:
                 out[k] = v / max(self.world, 1)
@@ -244,6 +271,7 @@ class Trainer:
             (loss * self.grad_average_factor).backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
+        self._sync_replicated_grads()
         grad_norm = clip_grad_norm_(self.task.trainable_parameters(self.model), cfg.training.max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,6 +283,26 @@ class Trainer:
         out["tokens"] = global_tokens
         return out
 
+    def _sync_replicated_grads(self) -> None:
+        """Average over the FSDP ranks the gradients of trainable parameters that FSDP does not manage (plain
+        tensors, not DTensors: stage 1's indexers, see parallelize.fsdp_ignored_params), exactly as FSDP does
+        for its own, so that with the loss scaled by grad_average_factor every rank ends with the same sum."""
+        if not self.parallel_dims.fsdp_enabled:
+            return
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.task.trainable_parameters(self.model) if not isinstance(p, DTensor)]
+        if not params:
+            return
+        # one flat all-reduce; a missing gradient counts as zeros so every rank sends the same shapes
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.mesh["dp_shard_cp"].get_group())
+        flat /= self.grad_average_factor
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def train(self) -> list[float]:
         cfg = self.cfg
         data_iter = iter(self.dataloader)
@@ -263,14 +311,15 @@ class Trainer:
         logger.info(f"training {cfg.training.steps} steps from step {self.step}")
         self._log_validation("before")
         while self.step < cfg.training.steps:
-            batches = [self._to_device(next(data_iter)) for _ in range(cfg.training.gradient_accumulation_steps)]
+            batches = [self.cp_shard(self._to_device(next(data_iter)))
+                       for _ in range(cfg.training.gradient_accumulation_steps)]
             log_step = (self.step + 1) % cfg.metrics.log_freq == 0 or self.step == 0 or self.step + 1 == cfg.training.steps
             if hasattr(self.task, "before_step"):
                 self.task.before_step(unwrap_compiled(self.model), self.step, log_step)
             out = self.train_step(batches)
             self.step += 1
             self.loss_history.append(out.get(self.task.primary_metric, float("nan")))
-            self.metrics.add_tokens(sum(b["input"].numel() for b in batches))
+            self.metrics.add_tokens(sum(b["input"].numel() for b in batches))  # this rank's (local under CP)
             if log_step:
                 tps, _ = self.metrics.throughput()
                 tokens = out.pop("tokens")
@@ -328,6 +377,11 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train()
     elif mode in ("calibrate", "eval"):
         from torchtitan_rtpurbo import pipeline
+
+        if cfg.parallelism.context_parallel_degree > 1:
+            raise SystemExit(f"job.mode = {mode!r} does not use context parallelism: run calibrate/eval with "
+                             f"context_parallel_degree = 1 (got parallelism.context_parallel_degree = "
+                             f"{cfg.parallelism.context_parallel_degree})")
 
         getattr(pipeline, f"run_{mode}")(cfg)
     elif mode == "pipeline":

@@ -112,24 +112,28 @@ class _ChunkedIndexerKL(torch.autograd.Function):
     ever holds more than a [B, Hr, chunk, T] block and nothing is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, qi, ki, q_r, k_r, doc_ids, chunk, target, top_p, scale, want_grad, want_stats):
+    def forward(ctx, qi, ki, q_r, k_r, doc_ids, chunk, target, top_p, scale, want_grad, want_stats,
+                q_offset=0, norm_rows=None):
         # sort + cumsum top-p: cheaper than the 31-pass bisection on CPU, on a par on GPU at these row sizes
         from kernels.block_select import topp_mask_reference as topp_mask
 
+        # q_r / qi hold the queries at global positions [q_offset, q_offset + T); k_r / ki (and doc_ids) hold
+        # the keys from position 0 (at least up to q_offset + T). q_offset = 0 is the whole-sequence case.
         B, Hr, T, _ = q_r.shape
         dev = q_r.device
         kl = torch.zeros(Hr, dtype=torch.float64, device=dev)
         rec = torch.zeros(Hr, dtype=torch.float64, device=dev)
         dens = torch.zeros(Hr, dtype=torch.float64, device=dev)
         tdens = torch.zeros(Hr, dtype=torch.float64, device=dev)
-        n_rows = B * T
+        n_rows = B * T if norm_rows is None else norm_rows
         qi32, ki32 = qi.detach().float(), ki.detach().float()
         dqi = torch.zeros_like(qi32) if want_grad else None
         dki = torch.zeros_like(ki32) if want_grad else None
         for c0 in range(0, T, chunk):
             c1 = min(c0 + chunk, T)
-            allowed = _chunk_allowed(c0, c1, doc_ids, dev)
-            tl = (q_r[:, :, c0:c1].float() @ k_r[:, :, :c1].float().transpose(-1, -2)) * scale
+            g1 = q_offset + c1  # keys [0, g1) are visible to some row of this chunk
+            allowed = _chunk_allowed(q_offset + c0, g1, doc_ids, dev)
+            tl = (q_r[:, :, c0:c1].float() @ k_r[:, :, :g1].float().transpose(-1, -2)) * scale
             logp_full = tl.masked_fill(~allowed, float("-inf")).log_softmax(-1)
             p_full = logp_full.exp()
             if target == "topp":
@@ -139,15 +143,15 @@ class _ChunkedIndexerKL(torch.autograd.Function):
             else:
                 pmask = allowed.expand_as(p_full)
                 logp, p = logp_full, p_full
-            sl = (qi32[:, :, c0:c1] @ ki32[:, :, :c1].transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+            sl = (qi32[:, :, c0:c1] @ ki32[:, :, :g1].transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
             logs = sl.log_softmax(-1)
             term = p * (logp.masked_fill(~pmask, 0.0) - logs.masked_fill(~allowed, 0.0))
             kl += term.sum(dim=(0, 2, 3)).double()
             s = logs.exp()
             if want_grad:
                 G = (s - p) / n_rows  # d KL_mean / d logits, [B, Hr, C, c1]
-                dqi[:, :, c0:c1] += G @ ki32[:, :, :c1]
-                dki[:, :, :c1] += G.transpose(-1, -2) @ qi32[:, :, c0:c1]
+                dqi[:, :, c0:c1] += G @ ki32[:, :, :g1]
+                dki[:, :, :g1] += G.transpose(-1, -2) @ qi32[:, :, c0:c1]
             if want_stats:
                 tset = pmask if target == "topp" else topp_mask(p_full, top_p) & allowed
                 sset = topp_mask(s, top_p) & allowed
@@ -166,9 +170,9 @@ class _ChunkedIndexerKL(torch.autograd.Function):
     def backward(ctx, g_kl, *_):
         dqi, dki = ctx.saved_tensors
         if dqi is None:
-            return (None,) * 11
+            return (None,) * 13
         g = g_kl.float()[None, :, None, None]
-        return ((dqi * g).to(ctx.in_dtypes[0]), (dki * g).to(ctx.in_dtypes[1])) + (None,) * 9
+        return ((dqi * g).to(ctx.in_dtypes[0]), (dki * g).to(ctx.in_dtypes[1])) + (None,) * 11
 
 
 def indexer_kl_stats(
@@ -183,8 +187,16 @@ def indexer_kl_stats(
     top_p: float = 0.9,
     scale: float | None = None,
     stats: bool = True,
+    q_offset: int = 0,
+    norm_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage-1 loss and statistics per retrieval head, computed in query chunks (no T x T tensor).
+
+    Context parallelism (models/rtpurbo/context_parallel.py) scores a slice of the queries: q_r / qi then
+    hold the Tq queries at global positions [q_offset, q_offset + Tq) while k_r / ki / doc_ids cover the keys
+    from position 0 (k_r, ki: at least q_offset + Tq rows; doc_ids: global [B, >= q_offset + Tq]).
+    norm_rows replaces the B * Tq divisor of every returned mean (and of the gradient), so per-slice
+    results normalised by the global row count sum to the whole-sequence value.
 
     q_r, k_r: [B, Hr, T, D] true post-RoPE queries / keys of the retrieval heads (k gathered per query head;
     treated as constants); qi, ki: [B, Hr, T, r] indexer projections.
@@ -202,9 +214,14 @@ def indexer_kl_stats(
         raise ValueError(f"rtpurbo.stage1_target must be 'full' or 'topp', got {target!r}")
     if scale is None:
         scale = q_r.shape[-1] ** -0.5
+    if min(k_r.shape[2], ki.shape[2]) < q_offset + q_r.shape[2]:
+        raise ValueError(f"indexer_kl_stats: q_r {tuple(q_r.shape)} / qi {tuple(qi.shape)} at offset {q_offset} "
+                         f"need k_r / ki with >= {q_offset + q_r.shape[2]} keys, got {tuple(k_r.shape)} / "
+                         f"{tuple(ki.shape)}")
     want_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
     return _ChunkedIndexerKL.apply(qi, ki, q_r.detach(), k_r.detach(), doc_ids, int(chunk), target,
-                                   float(top_p), float(scale), want_grad, stats)
+                                   float(top_p), float(scale), want_grad, stats, int(q_offset),
+                                   None if norm_rows is None else int(norm_rows))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ class LRScheduler:
 class Parallelism:
     data_parallel_shard_degree: int = -1  # -1: all ranks not used by other dims
     data_parallel_replicate_degree: int = 1
+    # ranks that share every sequence (context parallelism, load-balanced chunks; training modes only,
+    # training.seq_len >= 2 x this; FSDP then shards over dp_shard x cp). docs/configs.md
     context_parallel_degree: int = 1
     fsdp_reshard_after_forward: str = "default"  # "default", "always", "never"
 

@@ -1,7 +1,9 @@
 """ParallelDims: how the world of ranks splits into data-parallel (replicate x shard) and context-parallel.
 
 As in TorchTitan, FSDP shards parameters over dp_shard * cp ranks (the CP ranks hold different tokens of
-the same sequences, so they can share a parameter shard), and the loss is averaged over dp x cp.
+the same sequences, so they can share a parameter shard), and the loss is averaged over dp x cp (label
+tokens are counted over all of them). The data loader is sharded over "dp" only: the cp ranks of one dp
+group read the same sequences and each keeps its part (torchtitan_rtpurbo/distributed/context_parallel.py).
 """
 
 from __future__ import annotations

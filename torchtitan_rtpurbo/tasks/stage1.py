@@ -4,6 +4,13 @@ Loss: per retrieval head, forward KL(true attention || indexer softmax), average
 heads; each RTPurboAttention computes it in query chunks (never a T x T tensor) and leaves it in
 ctx.collect. The indexers start from an SVD of the head's own pre-RoPE q/k on calibration data
 (rtpurbo.indexer_init = "svd") or at random. At the end the adapted model is exported (HF + rtpurbo).
+
+Context parallelism: the RTPurbo CP backend (models/rtpurbo/context_parallel.py) leaves in
+collect["indexer_kl"], per rank, the KL summed over this rank's query rows divided by the GLOBAL number of
+rows, so the per-rank values add up over the cp ranks to the single-process KL. The loss therefore keeps the
+1 / (n_micro * dp) normalisation (gradients are summed over all dp x cp ranks). The recall and density
+statistics follow the same contract, so every stage-1 metric is reported as "<name>_cpsum" (summed over
+cp, averaged over dp by Trainer._reduce_metrics; without CP that is the plain average over ranks).
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from models.attention import AttentionContext
 from models.rtpurbo.convert import (
     apply_rtpurbo,
     freeze_for_stage,
@@ -25,7 +31,7 @@ from models.rtpurbo.convert import (
     set_rtpurbo_mode,
 )
 from models.rtpurbo.roles import HeadRoles
-from torchtitan_rtpurbo.tasks.pretrain import model_inputs
+from torchtitan_rtpurbo.tasks.pretrain import attention_context, model_inputs
 
 logger = logging.getLogger("torchtitan_rtpurbo")
 
@@ -91,14 +97,14 @@ class Stage1Task:
             b.stage1_stats = log_step
 
     def loss(self, model, batch: dict, global_tokens: int, n_micro: int, dp: int):
-        ctx = AttentionContext(collect={})
+        ctx = attention_context(batch)
         model(batch["input"], ctx=ctx, return_hidden=True, **model_inputs(batch, self.cfg.training.document_mask))
-        kl = indexer_kl_loss(ctx.collect)
+        kl = indexer_kl_loss(ctx.collect)  # under CP: this rank's additive share (see the module docstring)
         report = rtpurbo_density_report(ctx.collect)
-        metrics = {"indexer_kl": kl.detach() / n_micro}
+        metrics = {"indexer_kl_cpsum": kl.detach() / n_micro}
         for key in ("rtpurbo/indexer_recall_mean", "rtpurbo/density_mean", "rtpurbo/teacher_density_mean"):
-            if key in report:
-                metrics[key.split("/")[-1]] = torch.tensor(report[key]) / n_micro
+            if key in report:  # per-rank shares under CP too (same contract as the KL)
+                metrics[key.split("/")[-1] + "_cpsum"] = torch.tensor(report[key]) / n_micro
         return kl / (n_micro * dp), metrics
 
     def finish(self, trainer) -> None:

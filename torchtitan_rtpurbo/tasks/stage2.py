@@ -12,6 +12,12 @@ rtpurbo.stage2_loss:
           rtpurbo.stage2_label_tokens to keep that small).
 rtpurbo.stage2_label_tokens = N > 0 makes only the last N positions of each sequence label tokens (the
 paper: ~300 label tokens after ~48K of context); 0 uses every position.
+
+Context parallelism: labels are restricted on the FULL sequence (its last N positions), then the batch is
+sharded (context_parallel.shard_batch) and the teacher runs under CP too, so each rank caches the targets
+of its own label tokens, in its local token order: exactly the order in which the student's sharded
+forward selects them. The cache holds only the teacher tensors; TeacherCachedLoader re-applies the
+(deterministic) label restriction to every full batch it yields.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.attention import AttentionContext
 from models.rtpurbo.convert import (
     freeze_for_stage,
     iter_rtpurbo_backends,
@@ -31,7 +36,7 @@ from models.rtpurbo.convert import (
 )
 from models.rtpurbo.export import dense_backends
 from torchtitan_rtpurbo.distributed.utils import unwrap_compiled
-from torchtitan_rtpurbo.tasks.pretrain import IGNORE_INDEX, model_inputs
+from torchtitan_rtpurbo.tasks.pretrain import IGNORE_INDEX, attention_context, model_inputs
 from torchtitan_rtpurbo.tasks.stage1 import export_rtpurbo
 
 
@@ -39,15 +44,17 @@ logger = logging.getLogger("torchtitan_rtpurbo")
 
 
 class TeacherCachedLoader:
-    """Wraps the data loader: batch i comes with the teacher's cached targets for batch i.
+    """Wraps the data loader: batch i comes with its labels restricted (rtpurbo.stage2_label_tokens) and the
+    teacher's cached targets for batch i (under CP: for this rank's label tokens).
 
     Resumable: its state is the base loader's state plus the batch counter, so a resumed run pairs the
     same batches with the same cached targets."""
 
-    def __init__(self, make_base, cache: list[dict]):
+    def __init__(self, make_base, cache: list[dict], label_tokens: int = 0):
         self._make_base = make_base
         self.base = make_base()
         self.cache = cache
+        self.label_tokens = label_tokens
         self.cursor = 0
 
     def __iter__(self):
@@ -56,6 +63,7 @@ class TeacherCachedLoader:
                 raise RuntimeError(f"stage2: batch {self.cursor} has no cached teacher targets "
                                    f"(cached {len(self.cache)}; training.steps changed after caching?)")
             out = dict(batch)
+            out["labels"] = restrict_labels(out["labels"], self.label_tokens)
             out.update(self.cache[self.cursor])
             self.cursor += 1
             yield out
@@ -100,12 +108,20 @@ class Stage2Task:
         return [p for p in model.parameters() if p.requires_grad]
 
     # ---- teacher cache ----
+    def _restricted(self, batch: dict) -> dict:
+        """The full batch with only its label tokens kept (before any CP sharding: the last N positions of
+        the whole sequence)."""
+        return {**batch, "labels": restrict_labels(batch["labels"], self.cfg.rtpurbo.stage2_label_tokens)}
+
     @torch.no_grad()
     def _teacher_targets(self, model, batch: dict, autocast) -> dict:
+        """Teacher targets at the label tokens of `batch`: a full micro-batch, or a CP-sharded one
+        (batch["cp"]) whose labels were restricted before sharding (self._restricted)."""
         rt = self.cfg.rtpurbo
-        labels = restrict_labels(batch["labels"], rt.stage2_label_tokens)
+        labels = batch["labels"] if "cp" in batch else restrict_labels(batch["labels"], rt.stage2_label_tokens)
         with autocast:
-            logits = model(batch["input"], **model_inputs(batch, self.cfg.training.document_mask)).float()
+            logits = model(batch["input"], ctx=attention_context(batch, collect=False),
+                           **model_inputs(batch, self.cfg.training.document_mask)).float()
         pos = labels != IGNORE_INDEX  # [B, T]
         sel = logits[pos]  # [N, V]
         if rt.stage2_loss == "topk":
@@ -132,21 +148,24 @@ class Stage2Task:
             for i, batch in enumerate(make_base()):
                 if i >= n:
                     break
-                entry = self._teacher_targets(t_model, trainer._to_device(batch), autocast)
-                entry = {k: v.cpu() for k, v in entry.items()}
+                local = trainer.cp_shard(self._restricted(trainer._to_device(batch)))
+                entry = self._teacher_targets(t_model, local, autocast)
+                # labels are not cached: TeacherCachedLoader restricts every full batch again
+                entry = {k: v.cpu() for k, v in entry.items() if k != "labels"}
                 nbytes += sum(v.numel() * v.element_size() for v in entry.values())
                 cache.append(entry)
         t_model.train(was_training)
         logger.info(f"stage2: cached dense-teacher targets ({self.cfg.rtpurbo.stage2_loss}) for {len(cache)} "
                     f"batches, {nbytes / 2**20:.1f} MiB on the host")
-        return TeacherCachedLoader(make_base, cache)
+        return TeacherCachedLoader(make_base, cache, self.cfg.rtpurbo.stage2_label_tokens)
 
     def build_val_batches(self, trainer) -> list[dict]:
         from torchtitan_rtpurbo.train import build_training_dataloader
 
         it = iter(build_training_dataloader(trainer.cfg, trainer.tokenizer, trainer.dp_rank,
                                             trainer.parallel_dims.dp, validation=True))
-        batches = [trainer._to_device(next(it)) for _ in range(trainer.cfg.training.val_batches)]
+        batches = [trainer.cp_shard(self._restricted(trainer._to_device(next(it))))
+                   for _ in range(trainer.cfg.training.val_batches)]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if trainer.device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         was_training = trainer.model.training
@@ -159,7 +178,8 @@ class Stage2Task:
 
     # ---- loss ----
     def loss(self, model, batch: dict, global_tokens: int, n_micro: int, dp: int):
-        ctx = AttentionContext(collect={})
+        # under CP the batch is this rank's tokens and t_vals / t_idx / t_logp its label tokens' targets
+        ctx = attention_context(batch)
         logits = model(batch["input"], ctx=ctx, **model_inputs(batch, self.cfg.training.document_mask))
         pos = batch["labels"] != IGNORE_INDEX
         s = logits[pos].float()  # [N, V]
@@ -176,7 +196,8 @@ class Stage2Task:
         metrics = {"kl_sum": kl_sum.detach(), "ce_sum": ce_sum.detach()}
         report = rtpurbo_density_report(ctx.collect)
         if "rtpurbo/density_mean" in report:
-            metrics["density"] = torch.tensor(report["rtpurbo/density_mean"]) / n_micro
+            # under CP the RTPurbo backend leaves per-rank shares that add up over the cp ranks
+            metrics["density_cpsum"] = torch.tensor(report["rtpurbo/density_mean"]) / n_micro
         return kl_sum / global_tokens, metrics
 
     def finish(self, trainer) -> None:
