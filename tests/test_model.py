@@ -94,3 +94,15 @@ def test_yarn_changes_only_low_frequencies():
     assert mscale > 1.0
     torch.testing.assert_close(yarn[0], base[0])  # highest frequency kept (extrapolated)
     torch.testing.assert_close(yarn[-1], base[-1] / 4.0)  # lowest frequency interpolated
+
+
+def test_logits_mask_equals_full_logits_at_those_positions():
+    torch.manual_seed(0)
+    model = build_model(get_flavor("debug"))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 33))
+    mask = torch.rand(2, 33) < 0.3
+    mask[1, -1] = True
+    full = model(tokens)
+    part = model(tokens, logits_mask=mask)
+    assert part.shape == (int(mask.sum()), model.args.vocab_size)
+    torch.testing.assert_close(part, full[mask])

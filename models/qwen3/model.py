@@ -121,8 +121,12 @@ class Qwen3Model(nn.Module):
         doc_ids: torch.Tensor | None = None,
         ctx: AttentionContext | None = None,
         return_hidden: bool = False,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (or final hidden states with return_hidden)."""
+        """tokens [B, T] -> logits [B, T, vocab] (or final hidden states with return_hidden).
+
+        logits_mask [B, T] bool: logits only at those positions, [N, vocab] in row-major order (stage 2 needs
+        a few label tokens of a long sequence: [T, vocab] logits would be 79 GB at 131K tokens, 151K vocab)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -137,6 +141,8 @@ class Qwen3Model(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
+        if logits_mask is not None:
+            h = h[logits_mask]
         return self.output(h)
 
     # ---- initialisation (meta-device construction, then to_empty + init_weights) ----

@@ -119,11 +119,10 @@ class Stage2Task:
         (batch["cp"]) whose labels were restricted before sharding (self._restricted)."""
         rt = self.cfg.rtpurbo
         labels = batch["labels"] if "cp" in batch else restrict_labels(batch["labels"], rt.stage2_label_tokens)
-        with autocast:
-            logits = model(batch["input"], ctx=attention_context(batch, collect=False),
-                           **model_inputs(batch, self.cfg.training.document_mask)).float()
         pos = labels != IGNORE_INDEX  # [B, T]
-        sel = logits[pos]  # [N, V]
+        with autocast:
+            sel = model(batch["input"], ctx=attention_context(batch, collect=False), logits_mask=pos,
+                        **model_inputs(batch, self.cfg.training.document_mask)).float()  # [N, V]
         if rt.stage2_loss == "topk":
             vals, idx = sel.topk(rt.stage2_topk, dim=-1)
             return {"labels": labels, "t_vals": vals.cpu(), "t_idx": idx.to(torch.int32).cpu()}
@@ -180,9 +179,9 @@ class Stage2Task:
     def loss(self, model, batch: dict, global_tokens: int, n_micro: int, dp: int):
         # under CP the batch is this rank's tokens and t_vals / t_idx / t_logp its label tokens' targets
         ctx = attention_context(batch)
-        logits = model(batch["input"], ctx=ctx, **model_inputs(batch, self.cfg.training.document_mask))
         pos = batch["labels"] != IGNORE_INDEX
-        s = logits[pos].float()  # [N, V]
+        s = model(batch["input"], ctx=ctx, logits_mask=pos,
+                  **model_inputs(batch, self.cfg.training.document_mask)).float()  # [N, V]
         if self.cfg.rtpurbo.stage2_loss == "topk":
             t_vals = batch["t_vals"].to(s.device)
             t_idx = batch["t_idx"].to(s.device).long()
