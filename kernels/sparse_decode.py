@@ -43,6 +43,7 @@ IntList = Union[Sequence[int], torch.Tensor]
 __all__ = [
     "DecodeOutput",
     "dense_decode_reference",
+    "dense_decode",
     "local_decode_reference",
     "select_decode_blocks_reference",
     "retrieval_decode_reference",
@@ -444,6 +445,36 @@ def retrieval_decode(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens
     return _td().retrieval_decode_triton(q_r, k_cache, v_cache, kv_of, block_mask, cache_lens,
                                          window=window, sinks=sinks, block_size=block_size,
                                          scale=scale, config=config)
+
+
+def validate_dense(q, k_cache, v_cache, cache_lens) -> None:
+    if q.dim() != 3:
+        _fail(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        _fail(f"k_cache must be [B={B}, Hkv, L, D={D}], got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        _fail(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    if k_cache.shape[1] == 0 or Hq % k_cache.shape[1] != 0:
+        _fail(f"Hq={Hq} is not a multiple of Hkv={k_cache.shape[1]}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}")
+    _check_lens(cache_lens, B, q.device)
+
+
+def dense_decode(q, k_cache, v_cache, cache_lens, *, scale=None, impl="auto", config=None):
+    """Fast dense GQA decode; same contract as dense_decode_reference (keys n < cache_lens[b];
+    entries beyond are never read, so k/v may be a fixed-size view such as the whole cache).
+
+    Triton: the split-K local-attention kernel with the cache as a "ring" of W = L slots, window
+    W and no sinks (token t < L <= W sits in slot t): it visits only the cache_lens[b] valid
+    tokens whatever L is, reads each KV tile once for all query heads of its group (tl.dot), and
+    has no shape that depends on cache_lens, so a CUDA graph of it serves every length <= L."""
+    if not _use_triton(impl, "dense_decode", q, k_cache, cache_lens):
+        return dense_decode_reference(q, k_cache, v_cache, cache_lens, scale=scale)
+    validate_dense(q, k_cache, v_cache, cache_lens)
+    return _td().dense_decode_triton(q, k_cache, v_cache, cache_lens, scale=scale, config=config)
 
 
 def rtpurbo_decode(q, cache_lens, *, is_retrieval, top_p, block_size, window, sinks, sink_k=None,

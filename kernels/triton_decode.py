@@ -60,6 +60,7 @@ class TritonDecodeConfig:
 
 
 DEFAULT_CONFIG = TritonDecodeConfig()
+DENSE_CONFIG = TritonDecodeConfig(max_splits=128)  # dense_decode_triton (the whole cache, few KV heads)
 
 
 @dataclass
@@ -748,6 +749,25 @@ def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, wind
                                       D, GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,
                                       num_warps=cfg.num_warps)
     return out
+
+
+def dense_decode_triton(q, k_cache, v_cache, cache_lens, *, scale=None,
+                        config: Optional[TritonDecodeConfig] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense GQA decode over keys n < cache_lens[b] of k/v_cache [B, Hkv, L, D] (arguments
+    validated by the caller): _local_attn_kernel with the cache as a ring of W = L slots,
+    window = L and no sinks. Token t < cache_lens <= L is in slot t % L = t; the kernel walks
+    only the valid tiles, so the cost follows cache_lens, not L."""
+    B, Hq, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    empty_k, empty_v = k_cache[:, :, :0], v_cache[:, :, :0]
+    # few KV heads and a long cache: up to 128 splits per head (~4 programs per SM on an H100 at B=1, 4
+    # KV heads); the local heads' own default caps at 64 (their window is short). 128 splits of the local
+    # kernel were run on the H100 (docs/kernels.md).
+    return local_decode_triton(q, empty_k, empty_v, k_cache, v_cache, cache_lens, window=max(L, 1),
+                               sinks=0, scale=scale, kv_head_of_l=[h // G for h in range(Hq)],
+                               config=config or DENSE_CONFIG, out=out)
 
 
 def rtpurbo_decode_triton(q, cache_lens, *, retrieval_heads: Sequence[int],

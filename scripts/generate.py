@@ -5,7 +5,8 @@ with the role-aware KV cache and sparse decode of models/inference/ (see docs/in
         --tokenizer assets/tokenizer/stdlib_sp4096.model --max-new-tokens 64
 
 Streams the text to stdout; the statistics (prompt tokens, time to first token, decode tokens/s, KV memory,
-mean kept density of the retrieval heads) go to stderr at the end. Bad inputs (missing / corrupt
+mean kept density of the retrieval heads, whether the decode step ran as CUDA graphs and why not) go to
+stderr at the end. On CUDA the decode step is a CUDA graph by default (--cuda-graph auto|on|off). Bad inputs (missing / corrupt
 checkpoint, tokenizer vocabulary larger than the model's, prompt longer than --max-len) print one
 "error: ..." line and exit with code 2.
 """
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--kv-memory-limit-gb", type=float, default=None, help="CPU: refuse larger KV caches")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     ap.add_argument("--no-stream", action="store_true")
+    ap.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                    help="decode step as CUDA graphs: auto = on CUDA (default), on = required, off")
     return ap.parse_args(argv)
 
 
@@ -110,7 +113,11 @@ def main(argv=None) -> int:
         from models.inference import InferenceEngine, KVCacheMemoryError
 
         limit = int(args.kv_memory_limit_gb * 2**30) if args.kv_memory_limit_gb else None
-        eng = InferenceEngine(model, max_len=args.max_len, chunk_size=args.chunk_size, memory_limit_bytes=limit)
+        graphs = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+        if graphs and not str(args.device).startswith("cuda"):
+            raise UsageError(f"--cuda-graph on needs a CUDA device (--device is {args.device})")
+        eng = InferenceEngine(model, max_len=args.max_len, chunk_size=args.chunk_size, memory_limit_bytes=limit,
+                              cuda_graph=graphs)
         out: list[int] = []
         shown = [""]
 
@@ -141,14 +148,20 @@ def main(argv=None) -> int:
     sys.stdout.write("\n")
     m = res.memory
     dens = "n/a (dense model)" if res.mean_density is None else f"{res.mean_density:.3f}"
+    capture = ""
+    if res.graph_capture_s > 0:
+        rest = res.decode_s - res.graph_capture_s
+        capture = (f" (of which {res.graph_capture_s:.3f} s capturing CUDA graphs, kernel compilation included; "
+                   f"{res.decode_tokens / rest if rest > 0 else float('nan'):.1f} tokens/s without it)")
     print(f"[{kind}] prompt tokens: {len(ids)} | generated: {len(res.tokens[0])}"
           f"{' (stop token)' if res.finished[0] else ''}\n"
           f"time to first token: {res.ttft_s * 1e3:.1f} ms | decode: {res.decode_tokens} tokens in "
-          f"{res.decode_s:.3f} s = {res.decode_tokens_per_s:.1f} tokens/s\n"
+          f"{res.decode_s:.3f} s = {res.decode_tokens_per_s:.1f} tokens/s{capture}\n"
           f"KV cache: {m['total_bytes'] / 2**20:.2f} MiB for max_len {m['max_len']} "
           f"(dense {m['dense_total_bytes'] / 2**20:.2f} MiB); {m['bytes_per_token']} B/token + "
           f"{m['fixed_bytes_per_sequence']} B fixed vs dense {m['dense_bytes_per_token']} B/token\n"
-          f"mean kept density (retrieval heads, decode): {dens}", file=sys.stderr)
+          f"mean kept density (retrieval heads, decode): {dens}\n"
+          f"decode path: {res.decode_path}; CUDA graphs {res.graph_status}", file=sys.stderr)
     return 0
 
 

@@ -225,3 +225,124 @@ def test_moe_model_chunked_prefill_and_greedy():
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     p = prompt(10, 11)
     assert InferenceEngine(moe, max_len=40).generate([p], max_new_tokens=5).tokens[0] == greedy_by_forward(moe, p, 5)
+
+
+# ---- the graph-safe decode step (what a CUDA graph captures), run eagerly on CPU ----
+def _teacher_forced(eng, prompts, forced):
+    """Logits of the prefill and of each decode step fed forced[step] (one token per sequence)."""
+    B = len(prompts)
+    tok = torch.zeros(B, max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tok[b, : len(p)] = torch.tensor(p)
+    out = [eng.prefill(tok, [len(p) for p in prompts])]
+    for step in forced:
+        out.append(eng.decode_step(torch.tensor(step)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["dense", "rtpurbo", "moe"])
+def test_static_decode_step_matches_eager_path(dense, kind):
+    if kind == "moe":
+        torch.manual_seed(0)
+        model = build_model(get_flavor("debug_moe")).eval()
+    elif kind == "rtpurbo":  # local heads on full and on ring KV heads, an all-local and an all-retrieval layer
+        model = rtpurbo_copy(dense, window=5, sinks=2, top_p=0.6, block_size=4)
+    else:
+        model = dense
+    prompts = [prompt(9, 12), prompt(23, 13)]
+    # buckets 16 -> 32 -> 48 (= max_len): the view length changes during the run
+    mk = lambda **kw: InferenceEngine(model, max_len=48, chunk_size=8, graph_min_bucket=16, **kw)  # noqa: E731
+    eager, static = mk(), mk(static_decode=True)
+    assert (eager.decode_path, static.decode_path) == ("eager", "static")
+    a, b = eager.generate(prompts, max_new_tokens=12), static.generate(prompts, max_new_tokens=12)
+    assert a.tokens == b.tokens and b.decode_path == "static"
+    if kind == "rtpurbo":
+        assert 0.0 < b.mean_density < 1.0 and b.mean_density == pytest.approx(a.mean_density, rel=1e-5)
+    else:
+        assert a.mean_density is None and b.mean_density is None
+    forced = [[a.tokens[0][i], a.tokens[1][i]] for i in range(11)]
+    la = _teacher_forced(mk(), prompts, forced)
+    lb = _teacher_forced(mk(static_decode=True), prompts, forced)
+    torch.testing.assert_close(lb, la, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_path_options_and_log_line(dense, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="models.inference.engine"):
+        eng = InferenceEngine(dense, max_len=16)
+    assert eng.decode_path == "eager" and not eng.cuda_graph
+    assert eng.graph_status == "off: the model is on cpu, not CUDA"
+    assert any("CUDA graphs off: the model is on cpu" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        InferenceEngine(dense, max_len=16, cuda_graph=True)
+    off = InferenceEngine(dense, max_len=16, cuda_graph=False, static_decode=True)
+    assert off.decode_path == "static" and off.graph_status == "off: cuda_graph=False was passed"
+
+
+def test_bucket_lengths_and_cache_reuse(dense):
+    from models.inference.cuda_graph import bucket_length
+
+    assert [bucket_length(n, min_bucket=16, max_len=100) for n in (1, 16, 17, 33, 64, 65, 100)] == \
+        [16, 16, 32, 64, 64, 100, 100]
+    with pytest.raises(ValueError):
+        bucket_length(101, min_bucket=16, max_len=100)
+    eng = InferenceEngine(dense, max_len=40, static_decode=True, graph_min_bucket=8)
+    p = prompt(7, 14)
+    first = eng.generate([p], max_new_tokens=6)
+    cache = eng.cache
+    again = eng.generate([p], max_new_tokens=6)  # same batch size: cache (and static buffers) reused
+    assert eng.cache is cache and again.tokens == first.tokens
+    two = eng.generate([p, prompt(12, 15)], max_new_tokens=6)  # new batch size: a new cache
+    assert eng.cache is not cache and two.tokens[0] == first.tokens[0]
+
+
+_TRITON_STATIC_SCRIPT = r"""
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+from kernels import sparse_decode as sd
+from kernels import triton_decode as td
+assert td.interpreter_ready(), "the Triton interpreter is not active"
+torch.manual_seed(0)
+# dense_decode (Triton split-K kernel) vs the reference: GQA, batch 2, NaN beyond the valid lengths, a view
+for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    q = torch.randn(2, 8, 32).to(dt)
+    k, v = torch.randn(2, 2, 300, 32).to(dt), torch.randn(2, 2, 300, 32).to(dt)
+    k[1, :, 77:] = float("nan"); v[1, :, 77:] = float("nan")
+    for L, lens in ((300, [300, 77]), (200, [150, 1])):
+        lens = torch.tensor(lens, dtype=torch.int32)
+        got = sd.dense_decode(q, k[:, :, :L], v[:, :, :L], lens, impl="triton").float()
+        ref = sd.dense_decode_reference(q.float(), k[:, :, :L].float(), v[:, :, :L].float(), lens)
+        err = float((got - ref).abs().max())
+        assert err < tol, (dt, L, err)
+# the engine's static step with every kernel in Triton == the eager reference path
+from test_inference import rtpurbo_copy, prompt
+from models.inference import InferenceEngine
+from models.qwen3 import build_model, get_flavor
+torch.set_num_threads(1)
+torch.manual_seed(0)
+dense = build_model(get_flavor("debug")).eval()
+for model in (dense, rtpurbo_copy(dense, window=5, sinks=2, top_p=0.6, block_size=4)):
+    prompts = [prompt(9, 6), prompt(23, 7)]
+    a = InferenceEngine(model, max_len=48, chunk_size=8, impl="torch").generate(prompts, max_new_tokens=3)
+    b = InferenceEngine(model, max_len=48, chunk_size=8, impl="triton", static_decode=True,
+                        graph_min_bucket=16).generate(prompts, max_new_tokens=3)
+    assert a.tokens == b.tokens, (a.tokens, b.tokens)
+    if a.mean_density is not None:
+        assert abs(a.mean_density - b.mean_density) < 1e-5
+print("TRITON-STATIC-OK")
+"""
+
+
+def test_static_step_with_triton_kernels_in_interpreter():
+    """The exact kernels the GPU path runs (dense_decode + rtpurbo_decode in Triton), under the CPU
+    interpreter (which must be enabled before triton's first import: a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = _TRITON_STATIC_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "TRITON-STATIC-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -14,10 +14,26 @@ RTPurbo settings.
     local heads, and retrieval_decode with an empty block mask (= sinks + window) for local heads whose KV
     head is kept in full. The dispatching versions pick Triton on CUDA and the references elsewhere.
   * Sampling: greedy (temperature 0) or temperature / top-k / top-p over the vocabulary; stop tokens.
+
+Two decode paths, same results (tests/test_inference.py compares them token for token and logit by logit):
+  * eager (`_decode_step_eager`): the original path. Caches are sliced to the used length rounded up to 64
+    (shapes change every 64 tokens), positions come from a Python list, the density is read back per layer
+    (a host sync), MoE layers run the model's own MoE module (torch.bincount syncs on CUDA).
+  * static (`_decode_core`): graph-safe. Token ids and positions live in static device buffers, caches are
+    passed as fixed views [:, :, :bucket] (bucket = power of two >= the used length, capped at max_len;
+    see models/inference/cuda_graph.py for why buckets), nothing reads a tensor value on the host, head
+    subsets are gathered with cached device index tensors (a Python-list index would be a host-to-device
+    copy), the density is accumulated on the device, and MoE layers use `_moe_static` (expert counts by
+    scatter_add, torch._grouped_mm on CUDA bf16, a gather + bmm elsewhere). On CUDA this function is what
+    one CUDA graph per bucket captures (`cuda_graph=True`, the default there); on CPU it can run eagerly
+    (`static_decode=True`) so the tests check the exact function the graph captures.
+  Dense layers decode through kernels.sparse_decode.dense_decode (Triton split-K GQA kernel on CUDA, the
+  reference on CPU) in the static path; the eager path keeps dense_decode_reference.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -27,8 +43,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import sparse_decode as sd
+from models.inference.cuda_graph import DecodeGraphs, GraphCaptureError, bucket_length
 from models.inference.kv_cache import LayerPlan, RoleKVCache
 from models.qwen3.rope import apply_rope, rope_cos_sin
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +61,9 @@ class GenerationResult:
     decode_tokens: int = 0  # tokens produced by decode steps (over live sequences)
     mean_density: float | None = None  # mean kept fraction of visible tokens, retrieval heads at decode
     memory: dict = field(default_factory=dict)
+    decode_path: str = ""  # "graph" | "static" | "eager" (InferenceEngine.decode_path)
+    graph_capture_s: float = 0.0  # part of decode_s spent capturing CUDA graphs (warm-ups and JIT included)
+    graph_status: str = ""  # whether CUDA graphs were used, and why not
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,11 +99,92 @@ def _attn_mask(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor, loc
     return m
 
 
+def _index_or_none(idx: list[int], n: int, device) -> torch.Tensor | None:
+    """None when idx is 0..n-1 (take everything, no gather), else a long index tensor on `device`."""
+    if list(idx) == list(range(n)):
+        return None
+    return torch.tensor(list(idx), dtype=torch.long, device=device)
+
+
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else x.index_select(dim, idx)
+
+
+def _moe_static(moe, x: torch.Tensor) -> torch.Tensor:
+    """Graph-safe Qwen3-MoE forward of x [N, dim] (no auxiliary loss, no host sync, shapes fixed by N).
+
+    The model's MoE.forward counts tokens per expert with torch.bincount, which reads the maximum back to
+    the host on CUDA (a sync: not capturable). Here the counts come from scatter_add_. With
+    torch._grouped_mm (CUDA, bf16, sm90+) the sorted slots go through the model's GroupedExperts (on-device
+    offsets); elsewhere each (token, expert) slot gathers its expert's weights and runs a bmm, which reads
+    only the selected experts (decode has few tokens)."""
+    from models.qwen3.moe import _can_grouped_mm
+
+    N, D = x.shape
+    weights, experts, _ = moe.router(x)
+    k, E = moe.top_k, moe.num_experts
+    flat_e = experts.reshape(-1)
+    ex = moe.experts
+    if _can_grouped_mm(x):
+        order = torch.argsort(flat_e, stable=True)
+        tok = order // k
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
+        y = ex(x[tok], counts) * weights.reshape(-1)[order, None]
+        # back to (token, slot) order and a plain sum over the k slots: deterministic, unlike index_add_'s
+        # atomics (a graph replay and an eager run of the step then give the same bits)
+        return torch.empty_like(y).index_copy_(0, order, y).view(N, k, D).sum(1)
+    xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [N*k, D, 1]
+    h = F.silu(torch.bmm(ex.w1[flat_e], xs)) * torch.bmm(ex.w3[flat_e], xs)  # [N*k, H, 1]
+    y = torch.bmm(ex.w2[flat_e], h)[:, :, 0].view(N, k, D)
+    return (y * weights[:, :, None]).sum(1)
+
+
+@dataclass
+class _StaticLayer:
+    """Device index tensors of one layer's head subsets (None: all heads, no gather)."""
+
+    full_kv: torch.Tensor | None = None
+    ring_kv: torch.Tensor | None = None
+    sub: torch.Tensor | None = None  # retrieval + ring-local query heads, ascending
+    sub_roles: list[bool] = field(default_factory=list)
+    local_full: torch.Tensor | None = None
+    ix_heads: torch.Tensor | None = None  # indexer: query heads and their KV heads
+    ix_kv: torch.Tensor | None = None
+
+
+@dataclass
+class _StaticState:
+    """Static device buffers of the graph-safe decode step (tied to one cache)."""
+
+    B: int
+    tok: torch.Tensor  # [B] long, token ids of the step
+    pos: torch.Tensor  # [B] long, position of the new token = tokens already cached
+    ar: torch.Tensor  # [B] arange
+    dens: torch.Tensor  # [] float32, sum over steps and retrieval layers of the mean kept density
+    layers: list[_StaticLayer]
+
+
 class InferenceEngine:
+    """model: a Qwen3Model (dense or RTPurbo-converted), in eval mode, on its device and dtype.
+
+    cuda_graph: None (default) = CUDA graphs for the decode step when the model is on CUDA, else not
+        (one log line says which and why); True = required (raises on a non-CUDA device, and if a capture
+        fails); False = off. With graphs on, a failed capture under the default (None) logs a warning with
+        the cause and continues with the same graph-safe step run eagerly.
+    static_decode: run the graph-safe decode step (static buffers, fixed-shape cache views) without
+        capturing it; default = whether graphs are on. The CPU tests use it to check the captured function.
+    graph_min_bucket: smallest cache-view length of the static step (buckets double up to max_len).
+    track_density: accumulate the retrieval heads' kept density per decode step (GenerationResult).
+    The cache is kept between calls with the same batch size (so are the graphs, which point into it);
+    reset() drops both (needed after changing the model's RTPurbo settings, e.g. top_p)."""
+
     def __init__(self, model: nn.Module, *, max_len: int, chunk_size: int = 256,
-                 memory_limit_bytes: int | None = None, impl: str = "auto"):
+                 memory_limit_bytes: int | None = None, impl: str = "auto", cuda_graph: bool | None = None,
+                 static_decode: bool | None = None, graph_min_bucket: int = 2048, track_density: bool = True):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if graph_min_bucket < 1:
+            raise ValueError(f"graph_min_bucket must be >= 1, got {graph_min_bucket}")
         self.model = model.eval()
         self.args = model.args
         self.max_len, self.chunk_size = int(max_len), int(chunk_size)
@@ -89,15 +192,69 @@ class InferenceEngine:
         self.impl = impl
         self.cache: RoleKVCache | None = None
         self.layers = list(model.layers.values())
+        self.device = model.tok_embeddings.weight.device
+        self.graph_min_bucket = int(graph_min_bucket)
+        self.track_density = bool(track_density)
         self._density_sum = 0.0
         self._density_n = 0
+        self._st: _StaticState | None = None
+        self._graphs: DecodeGraphs | None = None
+        self.lens: list[int] = []
+        self.record_indexer_queries: dict[int, torch.Tensor] | None = None  # see _decode_attention_static
+        self.cuda_graph_requested = cuda_graph
+        on_cuda = self.device.type == "cuda"
+        if cuda_graph is None:
+            use, why = on_cuda, (None if on_cuda else f"the model is on {self.device.type}, not CUDA")
+        elif cuda_graph:
+            if not on_cuda:
+                raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {self.device}")
+            use, why = True, None
+        else:
+            use, why = False, "cuda_graph=False was passed"
+        if static_decode is None:
+            static_decode = use
+        if use and not static_decode:
+            raise ValueError("CUDA graphs capture the static decode step: static_decode=False contradicts "
+                             "cuda_graph")
+        self.cuda_graph = use
+        self.static_decode = bool(static_decode)
+        if use:
+            self.graph_status = (f"on (one graph per cache-view bucket: {self.graph_min_bucket} doubling up to "
+                                 f"max_len {self.max_len}, captured on first use)")
+        else:
+            self.graph_status = f"off: {why}"
+        path = "graph" if use else ("static (graph-safe step, run eagerly)" if self.static_decode else "eager")
+        log.info("decode: CUDA graphs %s; decode path: %s", self.graph_status, path)
+
+    @property
+    def decode_path(self) -> str:
+        """"graph", "static" (the graph-safe step run eagerly) or "eager"."""
+        if self.static_decode:
+            return "graph" if self.cuda_graph else "static"
+        return "eager"
 
     # ------------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int) -> RoleKVCache:
+        """The cache for `batch_size` sequences: the existing one when the batch size matches (no decode
+        step reads a position its sequence has not written, so stale entries are harmless), else a new one
+        (graphs and static buffers of the old one are dropped first, and so is the old cache)."""
+        if self.cache is not None and self.cache.B == int(batch_size):
+            return self.cache
+        self.reset()
         self.cache = RoleKVCache(self.model, batch_size, self.max_len, memory_limit_bytes=self.memory_limit_bytes)
         return self.cache
 
-    def _qkv(self, attn, h, positions):
+    def reset(self) -> None:
+        """Drop the cache, the static buffers and the CUDA graphs."""
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = None
+        self._st = None
+        self.cache = None
+        self.lens = []
+
+    def _qkv(self, attn, h, positions, cos_sin=None):
+        """cos_sin: rope_cos_sin(positions, ...) when the caller shares it between layers."""
         B, T, _ = h.shape
         q = attn.wq(h).view(B, T, attn.n_heads, attn.head_dim)
         k = attn.wk(h).view(B, T, attn.n_kv_heads, attn.head_dim)
@@ -105,8 +262,11 @@ class InferenceEngine:
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q_pre, k_pre, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, self.model.rope_inv_freq, self.model.rope_mscale, h.dtype)
+        cos, sin = cos_sin if cos_sin is not None else self._rope(positions, h.dtype)
         return apply_rope(q_pre, cos, sin), apply_rope(k_pre, cos, sin), v, q_pre, k_pre
+
+    def _rope(self, positions, dtype):
+        return rope_cos_sin(positions, self.model.rope_inv_freq, self.model.rope_mscale, dtype)
 
     def _ffn(self, layer, x):
         h = layer.ffn_norm(x)
@@ -219,7 +379,14 @@ class InferenceEngine:
     # ---- decode -------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] at positions self.lens (one per sequence) -> logits [B, V]; advances the cache."""
+        """tokens [B] at positions self.lens (one per sequence) -> logits [B, V]; advances the cache.
+        Runs the CUDA graph of the static step, the static step eagerly, or the eager step (decode_path)."""
+        if self.static_decode:
+            return self._decode_step_static(tokens)
+        return self._decode_step_eager(tokens)
+
+    @torch.no_grad()
+    def _decode_step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
         B = tokens.shape[0]
         dev = tokens.device
         pos = torch.tensor(self.lens, device=dev)
@@ -284,6 +451,174 @@ class InferenceEngine:
                 window=p.window, sinks=p.sinks, kv_head_of_l=p.ring_index(p.local_ring), impl=self.impl)
         return out
 
+    # ---- graph-safe decode (static buffers; what a CUDA graph captures) ------------------------------
+    def _static_state(self) -> _StaticState:
+        cache = self.cache
+        if self._st is not None and self._st.B == cache.B:
+            return self._st
+        dev = self.device
+        B = cache.B
+        layers = []
+        for p, layer in zip(cache.plans, self.layers):
+            if not p.rtpurbo:
+                layers.append(_StaticLayer())
+                continue
+            H, Hkv = p.n_heads, p.n_kv_heads
+            sub = sorted(p.retrieval + p.local_ring)
+            retr = set(p.retrieval)
+            ixm = layer.attention.inner_attention.indexer if p.retrieval else None
+            layers.append(_StaticLayer(
+                full_kv=_index_or_none(p.full_kv, Hkv, dev) if p.full_kv else None,
+                ring_kv=_index_or_none(p.ring_kv, Hkv, dev) if p.ring_kv else None,
+                sub=_index_or_none(sub, H, dev) if sub else None, sub_roles=[h in retr for h in sub],
+                local_full=_index_or_none(p.local_full, H, dev) if p.local_full else None,
+                ix_heads=_index_or_none(ixm.head_list, H, dev) if ixm is not None else None,
+                ix_kv=_index_or_none(ixm.kv_head_list, Hkv, dev) if ixm is not None else None))
+        self._st = _StaticState(
+            B=B, tok=torch.zeros(B, dtype=torch.long, device=dev), pos=torch.zeros(B, dtype=torch.long, device=dev),
+            ar=torch.arange(B, device=dev), dens=torch.zeros((), dtype=torch.float32, device=dev), layers=layers)
+        self._graphs = (DecodeGraphs(self._decode_core, dev, restore=[self._st.dens])
+                        if self.cuda_graph else None)
+        return self._st
+
+    def view_length(self, n_tokens: int) -> int:
+        """Cache-view length (bucket) of a static step whose longest sequence holds n_tokens tokens."""
+        return bucket_length(n_tokens, min_bucket=self.graph_min_bucket, max_len=self.max_len)
+
+    @torch.no_grad()
+    def _decode_step_static(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError("decode_step before prefill: there is no cache")
+        B = tokens.shape[0]
+        if B != self.cache.B:
+            raise ValueError(f"decode_step got {B} tokens for a cache of batch {self.cache.B}")
+        if max(self.lens) >= self.max_len:
+            raise ValueError(f"KV cache full (max_len={self.max_len})")
+        Lv = self.view_length(max(self.lens) + 1)
+        st = self._static_state()
+        st.tok.copy_(tokens.reshape(B))
+        st.pos.copy_(torch.tensor(self.lens, dtype=torch.long))
+        logits = None
+        if self._graphs is not None:
+            try:
+                logits = self._graphs.run(Lv).clone()
+            except GraphCaptureError as e:
+                if self.cuda_graph_requested:
+                    raise
+                log.warning("CUDA graphs off from now on: %s. Decoding continues with the same graph-safe step "
+                            "run eagerly.", e)
+                self.graph_status = f"off: capture failed ({e})"
+                self._graphs = None
+                self.cuda_graph = False
+        if logits is None:
+            logits = self._decode_core(Lv)
+        if self.track_density:
+            self._density_n += sum(1 for p in self.cache.plans if p.retrieval)
+        self.lens = [n + 1 for n in self.lens]
+        return logits
+
+    @property
+    def last_graph(self):
+        """The CUDA graph replayed by the last decode step (None without graphs); benchmarks replay it."""
+        return self._graphs.last if self._graphs is not None else None
+
+    def _decode_core(self, Lv: int) -> torch.Tensor:
+        """One decode step from the static buffers (tokens st.tok at positions st.pos) over cache views of
+        length Lv -> logits [B, V]. No host syncs, no shape that depends on tensor values: CUDA-graph safe."""
+        st = self._st
+        B = st.B
+        pos = st.pos
+        lens1 = (pos + 1).to(torch.int32)
+        x = self.model.tok_embeddings(st.tok[:, None])
+        cs = self._rope(pos[:, None], x.dtype)  # the same for every layer: computed once per step
+        for li, layer in enumerate(self.layers):
+            h = layer.attention_norm(x)
+            a = self._decode_attention_static(li, layer.attention, h, pos, lens1, Lv, cs)
+            x = x + layer.attention.wo(a.reshape(B, 1, -1))
+            hf = layer.ffn_norm(x)
+            if layer.moe_enabled:
+                x = x + _moe_static(layer.moe, hf.reshape(B, -1)).view_as(x)
+            else:
+                x = x + layer.feed_forward(hf)
+        return self.model.output(self.model.norm(x))[:, 0]
+
+    def _decode_attention_static(self, li, attn, h, pos, lens1, Lv, cos_sin):
+        cache, p, st = self.cache, self.cache.plans[li], self._st
+        ix = st.layers[li]
+        ar = st.ar
+        q, k, v, q_pre, k_pre = self._qkv(attn, h, pos[:, None], cos_sin)
+        q1, k1, v1 = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if not p.rtpurbo:
+            cache.k[li][ar, :, pos] = k1
+            cache.v[li][ar, :, pos] = v1
+            return sd.dense_decode(q1, cache.k[li][:, :, :Lv], cache.v[li][:, :, :Lv], lens1, impl=self.impl)
+        K = V = None
+        if p.full_kv:
+            cache.k[li][ar, :, pos] = _take(k1, 1, ix.full_kv)
+            cache.v[li][ar, :, pos] = _take(v1, 1, ix.full_kv)
+            K, V = cache.k[li][:, :, :Lv], cache.v[li][:, :, :Lv]
+        qi1 = ki_view = None
+        if p.retrieval:
+            ixm = attn.inner_attention.indexer
+            qh = _take(q_pre, 1, ix.ix_heads).to(ixm.wq.dtype)
+            kh = _take(k_pre, 1, ix.ix_kv).to(ixm.wk.dtype)
+            qi = torch.einsum("bhtd,hrd->bhtr", qh, ixm.wq)  # = LayerIndexer.forward, without list indexing
+            ki = torch.einsum("bhtd,hrd->bhtr", kh, ixm.wk)
+            cache.ki[li][ar, :, pos] = ki[:, :, 0]
+            qi1, ki_view = qi[:, :, 0], cache.ki[li][:, :, :Lv]
+            if self.record_indexer_queries is not None:  # benchmarks (eager steps only, never in a graph)
+                self.record_indexer_queries[li] = qi1.detach().clone()
+        if p.local_ring:
+            kr, vr = _take(k1, 1, ix.ring_kv), _take(v1, 1, ix.ring_kv)
+            W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
+            slot = torch.remainder(pos, W)
+            cache.ring_k[li][ar, :, slot] = kr
+            cache.ring_v[li][ar, :, slot] = vr
+            is_sink = (pos < p.sinks)[:, None, None]
+            ss = pos.clamp(max=S - 1)
+            cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
+            cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
+        out = None
+        if p.retrieval or p.local_ring:
+            dec = sd.rtpurbo_decode(
+                _take(q1, 1, ix.sub), lens1, is_retrieval=ix.sub_roles, top_p=p.top_p, block_size=p.block_size,
+                window=p.window, sinks=p.sinks, sink_k=cache.sink_k[li], sink_v=cache.sink_v[li],
+                ring_k=cache.ring_k[li], ring_v=cache.ring_v[li],
+                kv_head_of_l=p.ring_index(p.local_ring) if p.local_ring else None, k_cache=K, v_cache=V,
+                kv_head_of_r=p.full_index(p.retrieval) if p.retrieval else None, qi=qi1, ki_cache=ki_view,
+                impl=self.impl)
+            if ix.sub is None:
+                out = dec.out
+            else:
+                out = torch.empty_like(q1).index_copy_(1, ix.sub, dec.out)
+            if self.track_density and dec.block_mask is not None:
+                kept = sd.kept_tokens_per_head(dec.block_mask, lens1, window=p.window, sinks=p.sinks,
+                                               block_size=p.block_size)
+                st.dens.add_((kept.float() / lens1[:, None].float()).mean())
+        if p.local_full:
+            nb = -(-Lv // p.block_size)
+            empty = torch.zeros(h.shape[0], len(p.local_full), nb, dtype=torch.bool, device=h.device)
+            o = sd.retrieval_decode(
+                _take(q1, 1, ix.local_full), K, V, p.full_index(p.local_full), empty, lens1, window=p.window,
+                sinks=p.sinks, block_size=p.block_size, impl=self.impl)
+            if ix.local_full is None:
+                out = o
+            else:
+                out = (torch.empty_like(q1) if out is None else out).index_copy_(1, ix.local_full, o)
+        return out
+
+    def _reset_density(self) -> None:
+        self._density_sum, self._density_n = 0.0, 0
+        if self._st is not None:
+            self._st.dens.zero_()
+
+    def mean_density(self) -> float | None:
+        """Mean kept density of the retrieval heads over the decode steps since the last generate() start."""
+        if not self._density_n:
+            return None
+        total = self._density_sum + (float(self._st.dens) if self._st is not None else 0.0)
+        return total / self._density_n
+
     # ---- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -300,14 +635,17 @@ class InferenceEngine:
             tok[b, : len(pr)] = torch.tensor(list(pr), dtype=torch.long)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         stops = set(int(t) for t in stop_tokens)
-        self._density_sum, self._density_n = 0.0, 0
+        self._reset_density()
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         logits = self.prefill(tok, lens)
+        capture0 = self._graphs.capture_s if self._graphs is not None else 0.0  # (after prefill: a new cache
+        # drops the old graphs; a reused one keeps them and their capture time)
         out: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
         live = [True] * B
-        res = GenerationResult(out, lens, finished, memory=self.cache.memory_report())
+        self._reset_density()  # the static buffers may be new (a new cache)
+        res = GenerationResult(out, lens, finished, memory=self.cache.memory_report(), decode_path=self.decode_path)
         steps = 0
         while max_new_tokens > 0:
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
@@ -343,5 +681,8 @@ class InferenceEngine:
         if steps:
             res.decode_s = time.perf_counter() - t1
         res.decode_steps = steps
-        res.mean_density = self._density_sum / self._density_n if self._density_n else None
+        res.mean_density = self.mean_density()
+        res.graph_status = self.graph_status
+        if self._graphs is not None:
+            res.graph_capture_s = self._graphs.capture_s - capture0
         return res

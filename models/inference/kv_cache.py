@@ -11,7 +11,8 @@ Per layer (models/inference/engine.py fills it):
         kernels/sparse_decode.py.
     Local query heads whose KV head is "full" read the full cache with the window + sinks mask.
 
-Sizes are checked BEFORE anything is allocated: on CUDA against torch.cuda.mem_get_info(), elsewhere
+Sizes are checked BEFORE anything is allocated: on CUDA against torch.cuda.mem_get_info() (plus what
+PyTorch's caching allocator holds unused), elsewhere
 against `memory_limit_bytes` (None: no check). A request that does not fit raises KVCacheMemoryError,
 naming the bytes asked for and the bytes free.
 """
@@ -102,16 +103,7 @@ class RoleKVCache:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, memory_limit_bytes: int | None = None):
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
-        args = model.args
-        w = model.tok_embeddings.weight
-        self.dtype = dtype or w.dtype
-        self.device = torch.device(device) if device is not None else w.device
-        self.B, self.max_len, self.head_dim = int(batch_size), int(max_len), args.head_dim
-        self.n_kv_heads = args.n_kv_heads
-        self.plans = plan_layers(model, self.max_len)
-        self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self._setup(model, batch_size, max_len, dtype, device)
         need = self.total_bytes()
         free = self._free_bytes(memory_limit_bytes)
         if free is not None and need > free:
@@ -132,6 +124,27 @@ class RoleKVCache:
             self.ring_k.append(torch.zeros(B, nr, W, D, **z) if nr else None)
             self.ring_v.append(torch.zeros(B, nr, W, D, **z) if nr else None)
 
+    def _setup(self, model, batch_size, max_len, dtype, device) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        args = model.args
+        w = model.tok_embeddings.weight
+        self.dtype = dtype or w.dtype
+        self.device = torch.device(device) if device is not None else w.device
+        self.B, self.max_len, self.head_dim = int(batch_size), int(max_len), args.head_dim
+        self.n_kv_heads = args.n_kv_heads
+        self.plans = plan_layers(model, self.max_len)
+        self.elem = torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def estimate(cls, model: nn.Module, batch_size: int, max_len: int, *,
+                 dtype: torch.dtype | None = None) -> dict[str, float]:
+        """memory_report() of the cache that RoleKVCache(model, batch_size, max_len) would allocate,
+        without allocating anything (sizes follow from the layer plans alone)."""
+        self = cls.__new__(cls)
+        self._setup(model, batch_size, max_len, dtype, None)
+        return self.memory_report()
+
     @staticmethod
     def _sink_ring(p: LayerPlan) -> tuple[int, int]:
         return max(p.sinks, 1), max(p.window, 1)
@@ -139,6 +152,8 @@ class RoleKVCache:
     def _free_bytes(self, limit: int | None) -> int | None:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            # memory PyTorch's caching allocator holds but does not use (e.g. a dropped cache) is free too
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             return int(free) if limit is None else min(int(free), int(limit))
         return None if limit is None else int(limit)
 
