@@ -14,12 +14,23 @@ and attend to {t < min(sinks, L)} U {max(sinks, L - window) <= t < L}.
 Retrieval heads read the full cache of their KV head and their own low-rank indexer keys:
   qi          [B, Hr, r]          indexer query, score s(n) = qi . ki[n] (no scale)
   ki_cache    [B, Hr, L, r]
-Dynamic top-p over key blocks of `block_size` tokens: the block mass is the indexer softmax
-(over n < L) summed over the block; the selected blocks are the smallest set whose mass reaches
-top_p, taken in order of decreasing mass with ties broken by lower block index. top_p >= 1 keeps
-every valid block, top_p <= 0 none. The returned block mask holds exactly those top-p blocks; the
-sinks and the last `window` tokens are ALWAYS attended as well, at token granularity (the window
-need not be block aligned). Attention over the kept tokens is exact softmax with the real q/k/v.
+Dynamic top-p over key blocks of `block_size` tokens, the PREFILL rule of kernels/block_select.py
+applied to the one query at position L - 1: the block mass is the indexer softmax (over n < L)
+summed over the block;
+  forced   = the sink blocks (holding a token t < min(sinks, L)) and the window blocks (holding a
+             token t >= max(L - window, 0); none when window == 0): always selected;
+  selected = forced + the smallest set of the other valid ("free") blocks, taken by decreasing
+             mass (ties: lower block index first; blocks of zero mass never), such that
+             mass(forced) + mass(chosen) >= top_p. The forced mass counts toward top_p: a step whose
+             window already holds top_p of the mass chooses nothing more.
+top_p >= 1 keeps every valid block, top_p <= 0 only the forced ones. The returned block mask holds
+exactly the selected blocks (forced included), and the retrieval heads attend to every token t < L
+of them: the forced tokens at block granularity, as in prefill. (retrieval_decode also attends to
+the sink and window tokens of blocks outside the mask, token-level: that is a no-op for a
+selection's mask and gives local semantics for an empty mask.) Attention over the kept tokens is
+exact softmax with the real q/k/v.
+Kept density (decode_block_density): chosen free blocks / free blocks, the prefill definition
+(BlockSelection.density) for one query.
 
 Every fast function has a `*_reference` twin with the same signature. The fast versions run the
 Triton kernels of kernels/triton_decode.py; when Triton cannot run on the given tensors they log a
@@ -53,6 +64,8 @@ __all__ = [
     "retrieval_decode",
     "rtpurbo_decode",
     "kept_tokens_per_head",
+    "decode_forced_blocks",
+    "decode_block_density",
     "triton_unavailable_reason",
 ]
 
@@ -62,7 +75,8 @@ class DecodeOutput:
     """Result of one RTPurbo decode step for one layer."""
 
     out: torch.Tensor  # [B, Hq, D], original head order, dtype of q
-    block_mask: Optional[torch.Tensor]  # [B, Hr, nBlocks] bool top-p blocks (None: no retrieval)
+    # [B, Hr, nBlocks] bool selected blocks, forced (sink/window) ones included (None: no retrieval)
+    block_mask: Optional[torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,27 +278,57 @@ def indexer_block_mass_reference(qi, ki_cache, cache_lens, *, block_size):
     return prob.view(B, Hr, nb, block_size).sum(-1)
 
 
-def select_decode_blocks_reference(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks):
-    """Dynamic top-p block selection by full sort + cumsum. -> bool [B, Hr, nBlocks].
+def decode_forced_blocks(cache_lens, n_blocks, *, block_size, window, sinks):
+    """(forced, valid) bool [B, n_blocks] for the query at position L - 1 (L = cache_lens[b]).
 
-    `window` and `sinks` do not change the mask (those tokens are always attended at token
-    granularity by the retrieval attention); they are validated here so that every selection
-    call states the same layer configuration."""
+    valid: blocks holding a token t < L. forced: the sink blocks (holding a token
+    t < min(sinks, L)) and the window blocks (holding a token max(L - window, 0) <= t < L; none
+    when window == 0): kernels/block_select.py's forced blocks (window_sink_block_ranges) for a
+    query block made of that one query."""
+    L = cache_lens.to(torch.long)[:, None]
+    blk = torch.arange(n_blocks, device=cache_lens.device)[None, :]
+    start = blk * block_size
+    valid = start < L
+    sink = start < torch.clamp(L, max=sinks)
+    win = (start + block_size > torch.clamp(L - window, min=0)) if window > 0 else torch.zeros_like(valid)
+    return valid & (sink | win), valid
+
+
+def _topp_extra(mass, free, target):
+    """Prefill rule on the free blocks (kernels/block_select.topp_keep_reference, in mass's own
+    dtype): keep a free block iff its mass is > 0 and the free mass ranked ahead of it (descending,
+    ties by lower index: a stable sort) is < target."""
+    free_mass = torch.where(free, mass, 0)
+    sorted_mass, order = torch.sort(free_mass, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_mass, dim=-1) - sorted_mass
+    keep_sorted = (before < target[..., None]) & (sorted_mass > 0)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & free
+
+
+def select_decode_blocks_reference(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks):
+    """Block selection by full sort + cumsum (the prefill rule, see the module docstring).
+    -> bool [B, Hr, nBlocks]: forced blocks + the chosen free blocks."""
     validate_select(qi, ki_cache, cache_lens, top_p, block_size, window, sinks)
     mass = indexer_block_mass_reference(qi, ki_cache, cache_lens, block_size=block_size)
     nb = mass.shape[-1]
-    n_valid = (cache_lens.to(torch.long) + block_size - 1) // block_size  # [B]
-    valid = torch.arange(nb, device=qi.device)[None, None, :] < n_valid[:, None, None]
+    forced, valid = decode_forced_blocks(cache_lens, nb, block_size=block_size, window=window,
+                                         sinks=sinks)
+    forced, valid = forced[:, None, :].expand_as(mass), valid[:, None, :].expand_as(mass)
     if top_p >= 1.0:
-        return valid.expand_as(mass).clone()
-    if top_p <= 0.0:
-        return torch.zeros_like(valid.expand_as(mass))
-    # stable descending sort: equal masses keep index order, i.e. lower block index first
-    sorted_mass, order = torch.sort(mass, dim=-1, descending=True, stable=True)
-    before = torch.cumsum(sorted_mass, dim=-1) - sorted_mass  # mass of the blocks ranked ahead
-    keep_sorted = before < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return keep & valid
+        return valid.clone()
+    target = top_p - torch.where(forced, mass, 0).sum(-1)  # top_p <= 0: target <= 0, no extra
+    return forced | _topp_extra(mass, valid & ~forced, target)
+
+
+def decode_block_density(block_mask, cache_lens, *, block_size, window, sinks):
+    """(chosen [B, Hr], free [B]) int64: selected non-forced blocks and selectable (valid,
+    non-forced) blocks of each head's step. Kept density = chosen / free (summed over whatever is
+    averaged: batch, heads, steps), the prefill definition (BlockSelection.density) for one query:
+    what is kept beyond the always-kept sink and window blocks."""
+    forced, valid = decode_forced_blocks(cache_lens, block_mask.shape[-1], block_size=block_size,
+                                         window=window, sinks=sinks)
+    free = valid & ~forced
+    return (block_mask & free[:, None, :]).sum(-1), free.sum(-1)
 
 
 def _retrieval_keep(block_mask, cache_lens, L, window, sinks, block_size):
@@ -298,7 +342,8 @@ def _retrieval_keep(block_mask, cache_lens, L, window, sinks, block_size):
 
 def retrieval_decode_reference(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens, *,
                                window, sinks, block_size, scale=None):
-    """Exact attention of retrieval heads over top-p blocks + sinks + window. -> [B, Hr, D]"""
+    """Exact attention of retrieval heads over the tokens t < L of the mask's blocks, plus the sink
+    and window tokens (token level: already inside a selection's forced blocks). -> [B, Hr, D]"""
     kv_of = validate_retrieval(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens,
                                window, sinks, block_size)
     B, Hr, D = q_r.shape
@@ -313,7 +358,8 @@ def retrieval_decode_reference(q_r, k_cache, v_cache, kv_head_of_r, block_mask, 
 
 
 def kept_tokens_per_head(block_mask, cache_lens, *, window, sinks, block_size):
-    """Number of tokens each retrieval head attends to (top-p blocks U sinks U window). [B, Hr]"""
+    """Number of tokens t < L each retrieval head attends to (tokens of the mask's blocks U sink
+    tokens U window tokens). [B, Hr]"""
     L = block_mask.shape[-1] * block_size
     return _retrieval_keep(block_mask, cache_lens, L, window, sinks, block_size).sum(-1)
 
@@ -423,7 +469,7 @@ def local_decode(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, window, sin
 
 def select_decode_blocks(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks,
                          impl="auto", config=None):
-    """Fast top-p block selection; same contract as select_decode_blocks_reference."""
+    """Fast block selection (prefill rule); same contract as select_decode_blocks_reference."""
     if not _use_triton(impl, "select_decode_blocks", qi, ki_cache, cache_lens):
         return select_decode_blocks_reference(qi, ki_cache, cache_lens, top_p=top_p,
                                               block_size=block_size, window=window, sinks=sinks)

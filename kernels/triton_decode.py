@@ -9,14 +9,16 @@ main stream; local and its merge on a side stream)
       indexer and writes one log-sum-exp per block and one per chunk. With fused_select the last
       program of a head to finish (atomic counter) runs the top-p search for the head; by default
       _select_kernel does it in a second, wider launch (faster: measured).
-  top-p search (_select_head): block mass w_b = exp(lse_b - Z) >= 0, so the float32 bit pattern of
-      w_b orders blocks exactly like w_b. We search the largest bit pattern t with
-      F(t) = sum_{w_b >= t} w_b >= p: each round shrinks the interval to the data inside it and
-      evaluates F at `search_arity` thresholds (arity 1 = bisection). Blocks above t are kept,
-      blocks equal to t (ties) in index order until the mass reaches p. Before searching, blocks
-      that cannot be kept (mass under (1-p)/(2(nb+1))) are pruned, exactly (see _select_head).
-      The last pass writes the block mask and the compacted list of blocks the attention visits
-      (top-p blocks plus blocks holding sink or window tokens). No sort; O(1) extra memory.
+  selection (_select_head), the prefill rule of kernels/block_select.py for one query: the forced
+      blocks (sink blocks, window blocks) are always kept and their mass counts toward top_p; the
+      free blocks must bring tgt = top_p - mass(forced). Block mass w_b = exp(lse_b - Z) >= 0, so
+      the float32 bit pattern of w_b orders blocks exactly like w_b. We search the largest bit
+      pattern t with F(t) = sum_{free b, w_b >= t} w_b >= tgt: each round shrinks the interval to
+      the data inside it and evaluates F at `search_arity` thresholds (arity 1 = bisection). Free
+      blocks above t are kept, blocks equal to t (ties) in index order until the mass reaches tgt.
+      Before searching, free blocks that cannot be kept (mass under (1-p)/(2(nb+1))) are pruned,
+      exactly (see _select_head). The last pass writes the block mask (forced + chosen) and the
+      compacted list of the mask's blocks, which the attention visits. No sort; O(1) extra memory.
   _retrieval_attn_kernel  grid (splits, B*Hr): flash-decoding over the kept-block list, split
       evenly over `splits` programs so that one long sequence fills the GPU; the partial
       (max, sum, acc) are merged by _combine_kernel (or, fused_reduction, by the last program).
@@ -65,8 +67,8 @@ DENSE_CONFIG = TritonDecodeConfig(max_splits=128)  # dense_decode_triton (the wh
 
 @dataclass
 class SelectResult:
-    block_mask: torch.Tensor  # [B, Hr, nB] bool, top-p blocks only
-    kept_idx: torch.Tensor  # [B*Hr, nB] int32, first kept_count entries: blocks to visit, ascending
+    block_mask: torch.Tensor  # [B, Hr, nB] bool, selected blocks (forced sink/window ones included)
+    kept_idx: torch.Tensor  # [B*Hr, nB] int32, first kept_count entries: the mask's blocks, ascending
     kept_count: torch.Tensor  # [B*Hr] int32
 
 
@@ -76,12 +78,24 @@ class SelectResult:
 
 
 @triton.jit
-def _append_kept(idx_row, blk, sel, in_range, cnt, n_sink, win_lo, BS: tl.constexpr):
-    """Append the blocks that the attention must visit (top-p, or holding sink/window tokens).
-    Window tokens are [win_lo, L); in_range implies the block starts below L."""
-    start = blk * BS
-    forced = (start < n_sink) | (start + BS > win_lo)
-    keep = in_range & (sel | forced)
+def _forced_ranges(L, window, sinks, BS: tl.constexpr):
+    """Forced blocks of the query at L - 1 (kernels/sparse_decode.decode_forced_blocks): the sink
+    blocks [0, sb_end) hold a token t < min(sinks, L); the window blocks [wb_lo, nb) hold a token
+    t >= max(L - window, 0) (none when window == 0). Returns (nb, sb_end, wb_lo)."""
+    nb = (L + BS - 1) // BS
+    sb_end = (tl.minimum(sinks, L) + BS - 1) // BS
+    wb_lo = tl.where(window > 0, tl.maximum(L - window, 0) // BS, nb)
+    return nb, sb_end, wb_lo
+
+
+@triton.jit
+def _is_forced(blk, nb, sb_end, wb_lo):
+    return (blk < nb) & ((blk < sb_end) | (blk >= wb_lo))
+
+
+@triton.jit
+def _append_kept(idx_row, blk, keep, cnt):
+    """Append the blocks to visit (keep) to the compacted list at position cnt."""
     k32 = keep.to(tl.int32)
     pos = cnt + tl.cumsum(k32, 0) - 1
     tl.store(idx_row + pos, blk, mask=keep)
@@ -94,6 +108,15 @@ def _block_mass(lse_row, blk, nb, Z):
     lse = tl.load(lse_row + blk, mask=in_range, other=float("-inf"), cache_modifier=".cg")
     w = tl.where(in_range, tl.exp(lse - Z), 0.0)
     return w, w.to(tl.int32, bitcast=True), in_range
+
+
+@triton.jit
+def _free_mass(lse_row, blk, nb, Z, sb_end, wb_lo):
+    """Masses of the free (valid, non-forced) blocks among blk; 0 (bits 0) elsewhere."""
+    free = (blk < nb) & (blk >= sb_end) & (blk < wb_lo)
+    lse = tl.load(lse_row + blk, mask=free, other=float("-inf"), cache_modifier=".cg")
+    w = tl.where(free, tl.exp(lse - Z), 0.0)
+    return w, w.to(tl.int32, bitcast=True), free
 
 
 @triton.jit
@@ -154,15 +177,16 @@ def _search_regs(bits, w, valid, lo, hi, top_p, K: tl.constexpr, TILE: tl.conste
 
 
 @triton.jit
-def _search_tiles(lse_row, nb, Z, lo, hi, top_p, K: tl.constexpr, TILE: tl.constexpr,
+def _search_tiles(lse_row, nb, Z, sb_end, wb_lo, lo, hi, top_p, K: tl.constexpr, TILE: tl.constexpr,
                   MAX_2D: tl.constexpr):
-    """Threshold search streaming every block's LSE from L2 on each pass (any block count)."""
+    """Threshold search over the free blocks, streaming their LSEs from L2 on each pass (any
+    block count)."""
     offs = tl.arange(0, TILE)
     while hi - lo > 1:
         mn = tl.full([], 0x7FFFFFFF, tl.int32)
         mx = tl.full([], -1, tl.int32)
         for b0 in range(0, nb, TILE):
-            w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+            w, bits, in_range = _free_mass(lse_row, b0 + offs, nb, Z, sb_end, wb_lo)
             a, c = _interval_bounds(bits, in_range, lo, hi)
             mn = tl.minimum(mn, a)
             mx = tl.maximum(mx, c)
@@ -171,7 +195,7 @@ def _search_tiles(lse_row, nb, Z, lo, hi, top_p, K: tl.constexpr, TILE: tl.const
             step = (hi - lo + K) // (K + 1)
             F = tl.zeros([K], tl.float32)
             for b0 in range(0, nb, TILE):
-                w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+                w, bits, in_range = _free_mass(lse_row, b0 + offs, nb, Z, sb_end, wb_lo)
                 F += _threshold_mass(bits, w, lo, step, K, TILE, MAX_2D)
             lo, hi = _search_step(F, lo, hi, step, top_p, K)
     return lo, hi
@@ -181,7 +205,9 @@ def _search_tiles(lse_row, nb, Z, lo, hi, top_p, K: tl.constexpr, TILE: tl.const
 def _select_head(lse_row, chunk_row, n_chunks, mask_row, idx_row, cnt_ptr, L, n_blocks, top_p,
                  window, sinks, BS: tl.constexpr, SEARCH_K: tl.constexpr, TILE: tl.constexpr,
                  RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
-    """Top-p over one head's blocks from their LSEs; writes mask row, kept list and count.
+    """Block selection of one head from its block LSEs (the prefill rule: forced sink/window
+    blocks + the smallest top set of free blocks bringing the mass to top_p); writes the mask row
+    (forced blocks included), the kept list (= the mask's blocks, ascending) and its count.
     RESIDENT: all n_blocks fit one TILE, so the masses stay in registers during the search.
     Otherwise the blocks that can matter are gathered first (see the pruning note below)."""
     offs = tl.arange(0, TILE)
@@ -198,67 +224,81 @@ def _select_head(lse_row, chunk_row, n_chunks, mask_row, idx_row, cnt_ptr, L, n_
                     cache_modifier=".cg")
         S += tl.sum(tl.exp(x - M_safe), 0)
     Z = M_safe + tl.log(S)
-    nb = (L + BS - 1) // BS
+    nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
 
-    # Search on the bit pattern with F(x) = sum of w over bits >= x. Invariant: F(hi) < p and
-    # F(lo) >= p (unless no threshold reaches p: then everything is kept). Each round first
-    # shrinks [lo, hi) to the data inside it, stopping once one distinct value is left, then
-    # evaluates F at SEARCH_K thresholds inside. p <= 0 keeps nothing, p = inf everything.
-    lo = tl.where(top_p <= 0.0, 0x7F7FFFFF, 0)
-    hi = tl.where(top_p > 3.0e38, 1, 0x7F800000)
+    # The forced blocks' mass counts toward top_p: the free blocks must bring tgt = p - F_forced.
+    # (Masked loads: only the forced blocks' LSEs are read.)
+    F_forced = tl.zeros([], tl.float32)
+    for b0 in range(0, nb, TILE):
+        blk = b0 + offs
+        forced = _is_forced(blk, nb, sb_end, wb_lo)
+        lse = tl.load(lse_row + blk, mask=forced, other=float("-inf"), cache_modifier=".cg")
+        F_forced += tl.sum(tl.where(forced, tl.exp(lse - Z), 0.0), 0)
+    keep_all = top_p > 3.0e38  # top_p >= 1 (passed as inf): every valid block
+    tgt = tl.where(keep_all, top_p, top_p - F_forced)
+
+    # Search over the free blocks on the bit pattern, F(x) = sum of free w over bits >= x.
+    # Invariant: F(hi) < tgt and F(lo) >= tgt (unless no threshold reaches tgt: then every free
+    # block of positive mass is kept). Each round first shrinks [lo, hi) to the data inside it,
+    # stopping once one distinct value is left, then evaluates F at SEARCH_K thresholds inside.
+    # tgt <= 0 keeps no free block, tgt = inf every one.
+    lo = tl.where(tgt <= 0.0, 0x7F7FFFFF, 0)
+    hi = tl.where(keep_all, 1, 0x7F800000)
     if RESIDENT:
-        w_r, bits_r, in_r = _block_mass(lse_row, offs, nb, Z)
-        lo, hi = _search_regs(bits_r, w_r, in_r, lo, hi, top_p, SEARCH_K, TILE, MAX_2D)
+        w_r, bits_r, free_r = _free_mass(lse_row, offs, nb, Z, sb_end, wb_lo)
+        lo, hi = _search_regs(bits_r, w_r, free_r, lo, hi, tgt, SEARCH_K, TILE, MAX_2D)
     elif hi - lo > 1:
-        # Pruning: the kept set S is minimal, so F(S) - v < p for its smallest mass v, and
-        # F(S) >= 1 - nb * v; hence v > (1 - p) / (nb + 1). Blocks under half that bound are
-        # dropped, the rest gathered (their indices go to idx_row, overwritten later). Exact:
-        # if the candidates' mass reaches p, F over all blocks equals F over the candidates at
-        # every threshold the search can end on; otherwise search all blocks.
+        # Pruning: the chosen free set S is a minimal top set, so F(S) - v < tgt for its smallest
+        # mass v, and F(S) >= (1 - F_forced) - nb * v (no other free block exceeds v); hence
+        # v > (1 - p) / (nb + 1). Blocks under half that bound are dropped, the rest gathered
+        # (their indices go to idx_row, overwritten later). Exact: if the candidates' mass
+        # reaches tgt, F over all free blocks equals F over the candidates at every threshold the
+        # search can end on; otherwise search all free blocks.
         tau = 0.5 * (1.0 - top_p) / (nb + 1).to(tl.float32)
         n_cand = tl.zeros([], tl.int32)
         F_cand = tl.zeros([], tl.float32)
         for b0 in range(0, nb, TILE):
             blk = b0 + offs
-            w, bits, in_range = _block_mass(lse_row, blk, nb, Z)
-            cand = in_range & (w > tau)
+            w, bits, free = _free_mass(lse_row, blk, nb, Z, sb_end, wb_lo)
+            cand = free & (w > tau)
             c32 = cand.to(tl.int32)
             tl.store(idx_row + n_cand + tl.cumsum(c32, 0) - 1, blk, mask=cand)
             n_cand += tl.sum(c32, 0)
             F_cand += tl.sum(tl.where(cand, w, 0.0), 0)
-        if (n_cand <= TILE) & (F_cand >= top_p):
+        if (n_cand <= TILE) & (F_cand >= tgt):
             tl.debug_barrier()  # candidate indices were stored by other threads of this program
             cm = offs < n_cand
             ci = tl.load(idx_row + offs, mask=cm, other=0, cache_modifier=".cg")
             lse_c = tl.load(lse_row + ci, mask=cm, other=float("-inf"), cache_modifier=".cg")
             w_c = tl.where(cm, tl.exp(lse_c - Z), 0.0)
-            lo, hi = _search_regs(w_c.to(tl.int32, bitcast=True), w_c, cm, lo, hi, top_p,
+            lo, hi = _search_regs(w_c.to(tl.int32, bitcast=True), w_c, cm, lo, hi, tgt,
                                   SEARCH_K, TILE, MAX_2D)
         else:
-            lo, hi = _search_tiles(lse_row, nb, Z, lo, hi, top_p, SEARCH_K, TILE, MAX_2D)
+            lo, hi = _search_tiles(lse_row, nb, Z, sb_end, wb_lo, lo, hi, tgt, SEARCH_K, TILE,
+                                   MAX_2D)
         tl.debug_barrier()  # the candidate list is read before the kept list overwrites it
 
-    # [lo, hi) now holds one mass value: blocks above are kept, ties at it in index order
+    # [lo, hi) now holds one mass value: free blocks above it are chosen, ties at it in index
+    # order while the mass ranked ahead stays below tgt; zero-mass blocks never (unless keep_all)
     F_hi = tl.zeros([], tl.float32)
     for b0 in range(0, nb, TILE):
-        w, bits, in_range = _block_mass(lse_row, b0 + offs, nb, Z)
+        w, bits, free = _free_mass(lse_row, b0 + offs, nb, Z, sb_end, wb_lo)
         F_hi += tl.sum(tl.where(bits >= hi, w, 0.0), 0)
-    need = top_p - F_hi
+    need = tgt - F_hi
 
-    n_sink = tl.minimum(sinks, L)
-    win_lo = tl.where(window > 0, tl.maximum(L - window, 0), L)  # empty window: [L, L)
     tie_before = tl.zeros([], tl.float32)
     cnt = tl.zeros([], tl.int32)
     for b0 in range(0, n_blocks, TILE):
         blk = b0 + offs
-        w, bits, in_range = _block_mass(lse_row, blk, nb, Z)
-        tie = in_range & (bits >= lo) & (bits < hi)
+        w, bits, free = _free_mass(lse_row, blk, nb, Z, sb_end, wb_lo)
+        tie = free & (bits >= lo) & (bits < hi)
         tie_w = tl.where(tie, w, 0.0)
         before = tie_before + tl.cumsum(tie_w, 0) - tie_w
-        sel = in_range & ((bits >= hi) | (tie & (before < need)))
+        chosen = free & ((bits >= hi) | (tie & (before < need))) & ((w > 0.0) | keep_all)
         tie_before += tl.sum(tie_w, 0)
-        tl.store(mask_row + blk, sel.to(tl.uint8), mask=blk < n_blocks)
-        cnt = _append_kept(idx_row, blk, sel, in_range, cnt, n_sink, win_lo, BS)
+        keep = chosen | _is_forced(blk, nb, sb_end, wb_lo)
+        tl.store(mask_row + blk, keep.to(tl.uint8), mask=blk < n_blocks)
+        cnt = _append_kept(idx_row, blk, keep, cnt)
     tl.store(cnt_ptr, cnt)
 
 
@@ -340,19 +380,19 @@ def _select_kernel(lse_ptr, chunk_ptr, lens_ptr, mask_ptr, idx_ptr, cnt_ptr, H, 
 @triton.jit(do_not_specialize=["window", "sinks"])
 def _compact_kernel(mask_ptr, lens_ptr, idx_ptr, cnt_ptr, H, n_blocks, window, sinks,
                     BS: tl.constexpr, TILE: tl.constexpr):
-    """Kept-block list from a given top-p mask (for retrieval_decode called on its own)."""
+    """Kept-block list of a given mask (retrieval_decode called on its own): the mask's valid
+    blocks plus the blocks holding sink or window tokens (attended token-level)."""
     bh = tl.program_id(0)
     L = tl.load(lens_ptr + bh // H).to(tl.int32)
-    nb = (L + BS - 1) // BS
-    n_sink = tl.minimum(sinks, L)
-    win_lo = tl.where(window > 0, tl.maximum(L - window, 0), L)
+    nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
     offs = tl.arange(0, TILE)
     cnt = tl.zeros([], tl.int32)
     for b0 in range(0, n_blocks, TILE):
         blk = b0 + offs
         in_range = blk < nb
         sel = tl.load(mask_ptr + bh * n_blocks + blk, mask=in_range, other=0) != 0
-        cnt = _append_kept(idx_ptr + bh * n_blocks, blk, sel, in_range, cnt, n_sink, win_lo, BS)
+        keep = in_range & (sel | _is_forced(blk, nb, sb_end, wb_lo))
+        cnt = _append_kept(idx_ptr + bh * n_blocks, blk, keep, cnt)
     tl.store(cnt_ptr + bh, cnt)
 
 
@@ -386,7 +426,7 @@ def _retrieval_attn_kernel(q_ptr, k_ptr, v_ptr, kvh_ptr, qh_ptr, lens_ptr, mask_
         blk = tl.load(idx_ptr + bh * n_blocks + i)
         sel = tl.load(mask_ptr + bh * n_blocks + blk).to(tl.int32)
         t = blk * BS + tl.arange(0, BS)
-        # broadcast the block's top-p bit as a vector (the interpreter mistypes scalar | vector)
+        # broadcast the block's mask bit as a vector (the interpreter mistypes scalar | vector)
         keep = (t < L) & ((t * 0 + sel != 0) | (t < sinks) | (t >= win_lo))
         lm = keep[:, None] & dm[None, :]
         k = tl.load(kbase + t[:, None].to(tl.int64) * s_kl + d[None, :], mask=lm, other=0.0)

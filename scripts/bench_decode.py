@@ -103,9 +103,11 @@ def bytes_dense(L: int, esize: int) -> int:
 
 
 def bytes_rtpurbo(args, block_mask, esize: int) -> dict:
-    """Bytes the RTPurbo step must read: indexer keys, kept tokens per retrieval head, local."""
+    """Bytes the RTPurbo step must read: indexer keys, kept tokens per retrieval head, local;
+    plus the retrieval heads' kept density (chosen / free blocks), selected block fraction
+    (sel_frac) and kept token fraction (kept_frac, tokens of the selected blocks / L)."""
     L = int(args["cache_lens"][0])
-    out = dict(indexer=0, retrieval=0, local=0, kept_frac=None, density=None)
+    out = dict(indexer=0, retrieval=0, local=0, kept_frac=None, density=None, sel_frac=None)
     if block_mask is not None:
         n_r = block_mask.shape[1]
         kept = sd.kept_tokens_per_head(block_mask, args["cache_lens"], window=WINDOW,
@@ -113,7 +115,13 @@ def bytes_rtpurbo(args, block_mask, esize: int) -> dict:
         out["indexer"] = n_r * L * R * args["ki_cache"].element_size()
         out["retrieval"] = int(kept.sum()) * 2 * D * esize
         out["kept_frac"] = float(kept.float().mean()) / L
-        out["density"] = float(block_mask.float().mean())
+        # density: chosen free blocks / free blocks (beyond the forced sink + window blocks), the
+        # prefill definition; sel_frac: every selected block (forced included) / valid blocks
+        chosen, free = sd.decode_block_density(block_mask, args["cache_lens"], block_size=BLOCK,
+                                               window=WINDOW, sinks=SINKS)
+        n_free = float(free.sum()) * n_r
+        out["density"] = float(chosen.sum()) / n_free if n_free else 1.0
+        out["sel_frac"] = float(block_mask.float().mean())
     if "ring_k" in args:
         n_tok = min(L, SINKS) + max(0, L - max(L - WINDOW, min(L, SINKS)))
         out["local"] = args["ring_k"].shape[1] * n_tok * 2 * D * esize
@@ -335,7 +343,8 @@ def _json_path(args) -> Optional[Path]:
 
 
 def run_decode_bench(args) -> list[dict]:
-    """Rows: name, T, ms, speedup_vs_dense, gbps (+ mode, bytes, density, kept_frac, ...).
+    """Rows: name, T, ms, speedup_vs_dense, gbps (+ mode, bytes, density, sel_frac, kept_frac, ...;
+    density = chosen free blocks / free blocks beyond the forced sink + window blocks).
 
     args: seq_lens, dtype, out (see _json_path); optional densities, modes, edge_checks,
     time_budget (seconds; later layers are skipped, and listed in meta.errors, once it is spent)."""
@@ -422,7 +431,8 @@ def run_decode_bench(args) -> list[dict]:
         mask = sd.rtpurbo_decode(**largs, impl="triton", config=base).block_mask
         nbytes = bytes_rtpurbo(largs, mask, esize)
         suffix = f"_d{dens:g}" if dens is not None else ""
-        extra = dict(density_target=dens, density=nbytes["density"], kept_frac=nbytes["kept_frac"],
+        extra = dict(density_target=dens, density=nbytes["density"], sel_frac=nbytes["sel_frac"],
+                     kept_frac=nbytes["kept_frac"],
                      bytes_detail=nbytes, kv_bytes=kv_bytes_per_token(n_groups, esize),
                      check_ok="failed" not in checks[key])
         g_ms = dense_ms.get("graph", dense_ms.get("eager"))

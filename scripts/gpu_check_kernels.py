@@ -1,10 +1,14 @@
-"""Check every prefill kernel against its reference on the GPU (bf16 and fp32 inputs).
+"""Check every prefill kernel and the decode kernels against their references on the GPU
+(bf16 and fp32 inputs).
 
-Each check prints the relative error ||out - ref|| / ||ref|| (reference in fp32 from the
-same inputs), with random inputs drawn fresh per check; outputs are checked for NaN.
+Each check prints OK/BAD with the relative error ||out - ref|| / ||ref|| (reference in fp32 from
+the same inputs; for block masks: the number of rows that break the selection rule), with random
+inputs drawn fresh per check; outputs are checked for NaN. The last line is PASS or FAIL.
 Run:  python scripts/gpu_check_kernels.py --out results/gpu_check.json
+      python scripts/gpu_check_kernels.py --only decode      (the decode checks alone, ~1 min)
 On CPU (--device cpu) it runs the same checks at small sizes through eager flex / the
-torch fallbacks, which is how the script itself is tested off the GPU.
+torch fallbacks (decode: the Triton interpreter when TRITON_INTERPRET=1 was set before triton's
+first import, else reference vs reference), which is how the script itself is tested off the GPU.
 """
 
 from __future__ import annotations
@@ -174,11 +178,129 @@ def check_block_sparse(ck: Checker, dev, dtype, T: int, D: int):
                 ck.add(f"block_sparse top_p=1 == dense causal {tag}", rel_err(out, dense), tol)
 
 
+def _decode_forced_by_tokens(L: int, nb: int, block_size: int, window: int, sinks: int) -> torch.Tensor:
+    t = torch.arange(L)
+    forced = torch.zeros(nb, dtype=torch.bool)
+    forced[t[(t < sinks) | (t >= L - window)] // block_size] = True
+    return forced
+
+
+def decode_mask_bad_rows(got, ref, mass, lens, top_p, block_size, window, sinks) -> int:
+    """Rows of a decode block mask that break the selection rule (the prefill rule for the query
+    at L - 1): a row differing from the reference is accepted only if it is another valid choice
+    at a float-rounding tie (forced blocks kept, mass reaches top_p, minimal, a top set of the free
+    blocks, within one block of the reference). top_p <= 0 or >= 1: exact equality."""
+    got, ref, mass = got.cpu(), ref.cpu(), mass.cpu().double()
+    bad = 0
+    for b, h in (got != ref).any(-1).nonzero().tolist():
+        if top_p <= 0.0 or top_p >= 1.0:
+            bad += 1
+            continue
+        L = int(lens[b])
+        nb = -(-L // block_size)
+        forced = _decode_forced_by_tokens(L, nb, block_size, window, sinks)
+        m, sel = mass[b, h, :nb], got[b, h, :nb]
+        extra = sel & ~forced
+        ok = bool(not got[b, h, nb:].any() and sel[forced].all() and m[sel].sum() >= top_p - 1e-4)
+        if ok and extra.any():
+            ok = bool(m[sel].sum() - m[extra].min() < top_p + 1e-4)
+            if ok and (~sel).any():
+                ok = bool(m[~sel].max() <= m[extra].min() + 1e-6)
+        ok = ok and abs(int(sel.sum()) - int(ref[b, h].sum())) <= 1
+        bad += not ok
+    return bad
+
+
+def check_decode(ck: Checker, dev):
+    """Decode kernels (kernels/triton_decode.py) vs the references of kernels/sparse_decode.py:
+    block selection (the prefill rule: forced sink/window blocks count toward top_p), retrieval,
+    local and whole-layer decode. Batch 3 with different lengths (not block multiples, one below
+    the window), irregular GQA maps, fp32 and bf16, the select variants."""
+    from kernels import sparse_decode as sd
+
+    cuda = dev.type == "cuda"
+    BS = 64 if cuda else 16
+    lens_l = [5000, 3001, 777] if cuda else [300, 263, 41]
+    L, D, r = max(lens_l), (128 if cuda else 32), 16
+    lens = torch.tensor(lens_l, device=dev, dtype=torch.int32)
+    B = len(lens_l)
+    impl = "triton" if sd.triton_unavailable_reason(lens) is None else "torch"
+    if impl == "torch":
+        print("decode: Triton cannot run here, checking the references against themselves", flush=True)
+    from kernels import triton_decode as td  # noqa: F401  (imported by sd when Triton runs)
+
+    C = td.TritonDecodeConfig
+    variants = {"default": C(), "fused_select_k16": C(fused_select=True, search_arity=16),
+                "tiled_k1": C(search_arity=1, select_wide_tile=16)}
+    if not cuda:  # the CPU interpreter is slow: two variants test the script
+        variants.pop("fused_select_k16")
+    g = torch.Generator(device=dev).manual_seed(0)
+    Hr = 4
+    qi = torch.randn(B, Hr, r, device=dev, generator=g)
+    ki = torch.randn(B, Hr, L, r, device=dev, generator=g) * (3.0 / r ** 0.5)
+    mass = sd.indexer_block_mass_reference(qi.double(), ki.double(), lens, block_size=BS)
+    # (window, sinks): not block aligned; sinks over two blocks; no forced block; window over all
+    w0 = 1000 if cuda else 40
+    for window, sinks in ((w0, 4), (w0 // 2 + 3, BS + 6), (0, 0), (L + 100, 4)):
+        for top_p in (0.5, 0.9, 1.0, 0.0):
+            kw = dict(top_p=top_p, block_size=BS, window=window, sinks=sinks)
+            ref = sd.select_decode_blocks_reference(qi, ki, lens, **kw)
+            for name, cfg in variants.items():
+                got = sd.select_decode_blocks(qi, ki, lens, **kw, impl=impl, config=cfg)
+                bad = decode_mask_bad_rows(got, ref, mass, lens, top_p, BS, window, sinks)
+                chosen, free = sd.decode_block_density(got, lens, block_size=BS, window=window, sinks=sinks)
+                n_free = float(free.sum()) * Hr  # density: chosen / free blocks (1.0 if none is free)
+                dens = float(chosen.sum()) / n_free if n_free else 1.0
+                ck.add(f"decode select {impl} {name} w={window} s={sinks} p={top_p} (bad rows)", float(bad), 0.0,
+                       rows_differing=int((got != ref).any(-1).sum()), density=round(dens, 4))
+    # whole layer, per-query-head roles on 8 query / 2 KV heads, irregular maps
+    roles = [False, True, False, False, True, True, False, True]
+    retr = [h for h in range(8) if roles[h]]
+    local = [h for h in range(8) if not roles[h]]
+    W, S, window, sinks = (1024, 8, 1000, 4) if cuda else (48, 4, 40, 4)
+    for dt in ((torch.bfloat16, torch.float32) if cuda else (torch.float32,)):
+        q = torch.randn(B, 8, D, device=dev, generator=g).to(dt)
+        k = torch.randn(B, 2, L, D, device=dev, generator=g).to(dt)
+        v = torch.randn(B, 2, L, D, device=dev, generator=g).to(dt)
+        ring_k = torch.full((B, 2, W, D), float("nan"), device=dev, dtype=dt)
+        ring_v = ring_k.clone()
+        for b, n in enumerate(lens_l):
+            t = torch.arange(max(0, n - W), n, device=dev)
+            ring_k[b, :, t % W] = k[b, :, t]
+            ring_v[b, :, t % W] = v[b, :, t]
+        layer = dict(q=q, cache_lens=lens, is_retrieval=roles, top_p=0.9, block_size=BS, window=window,
+                     sinks=sinks, sink_k=k[:, :, :S], sink_v=v[:, :, :S], ring_k=ring_k, ring_v=ring_v,
+                     kv_head_of_l=[1, 0, 0, 1], k_cache=k, v_cache=v, kv_head_of_r=[0, 1, 1, 0],
+                     qi=qi.to(dt), ki_cache=ki.to(dt))
+        up = {key: (x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+              for key, x in layer.items()}
+        ref = sd.rtpurbo_decode_reference(**up)
+        m_dt = sd.indexer_block_mass_reference(up["qi"].double(), up["ki_cache"].double(), lens, block_size=BS)
+        tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+        for name, cfg in variants.items():
+            tag = f"{impl} {name} {dt}"
+            got = sd.rtpurbo_decode(**layer, impl=impl, config=cfg)
+            bad = decode_mask_bad_rows(got.block_mask, ref.block_mask, m_dt, lens, 0.9, BS, window, sinks)
+            ck.add(f"decode layer mask {tag} (bad rows)", float(bad), 0.0)
+            want = sd.retrieval_decode_reference(up["q"][:, retr], up["k_cache"], up["v_cache"], [0, 1, 1, 0],
+                                                 got.block_mask, lens, window=window, sinks=sinks, block_size=BS)
+            ck.add(f"decode layer retrieval out {tag}", rel_err(got.out[:, retr], want), tol)
+            ck.add(f"decode layer local out {tag}", rel_err(got.out[:, local], ref.out[:, local]), tol)
+            att = sd.retrieval_decode(layer["q"][:, retr], k, v, [0, 1, 1, 0], ref.block_mask, lens,
+                                      window=window, sinks=sinks, block_size=BS, impl=impl, config=cfg)
+            want = sd.retrieval_decode_reference(up["q"][:, retr], up["k_cache"], up["v_cache"], [0, 1, 1, 0],
+                                                 ref.block_mask, lens, window=window, sinks=sinks, block_size=BS)
+            ck.add(f"decode retrieval_decode alone {tag}", rel_err(att, want), tol)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seq-len", type=int, default=None, help="default: 2085 on CUDA (not a block multiple), 333 on CPU")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the steps whose name starts with one of these words "
+                         "(masks, local, block, selection, decode)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     # never let Dynamo fall back to eager silently: eager flex ignores the block lists
@@ -210,6 +332,9 @@ def main(argv=None) -> int:
     steps.append(("selection", lambda: check_selection(ck, dev, 4096 if dev.type == "cuda" else 1024)))
     for dt in dtypes:
         steps.append((f"block sparse {dt}", lambda dt=dt: check_block_sparse(ck, dev, dt, T, D)))
+    steps.append(("decode", lambda: check_decode(ck, dev)))
+    if args.only:
+        steps = [(n, f) for n, f in steps if any(n.startswith(w) for w in args.only)]
     for name, fn in steps:
         t0 = time.time()
         try:
@@ -219,6 +344,7 @@ def main(argv=None) -> int:
         print(f"--- {name}: {time.time() - t0:.1f}s", flush=True)
     n_bad = sum(not r["ok"] for r in ck.rows)
     print(f"\n{len(ck.rows) - n_bad}/{len(ck.rows)} checks passed", flush=True)
+    print("PASS" if n_bad == 0 and ck.rows else "FAIL", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "checks": ck.rows}, indent=1))

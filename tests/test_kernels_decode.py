@@ -102,20 +102,73 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def assert_valid_top_p(got, ref, mass, lens, p, block_size):
+def forced_blocks_by_tokens(L, nb, block_size, window, sinks):
+    """Forced blocks written out token by token: a block is forced iff it holds a token t < L that
+    is a sink (t < sinks) or in the window (t >= L - window)."""
+    forced = torch.zeros(nb, dtype=torch.bool)
+    for t in range(L):
+        if t < sinks or t >= L - window:
+            forced[t // block_size] = True
+    return forced
+
+
+def block_mass_brute(qi, ki, lens, block_size):
+    """float64 indexer softmax over t < L summed per block, one (b, h) at a time."""
+    B, H, L_max, _ = ki.shape
+    nb = -(-L_max // block_size)
+    mass = torch.zeros(B, H, nb, dtype=torch.float64)
+    for b, L in enumerate(lens.tolist()):
+        for h in range(H):
+            p = torch.softmax(ki[b, h, :L].double() @ qi[b, h].double(), 0)
+            for t in range(L):
+                mass[b, h, t // block_size] += p[t]
+    return mass
+
+
+def prefill_rule_brute(mass, lens, p, block_size, window, sinks):
+    """The prefill rule (kernels/block_select.py) for the one query at L - 1, as a greedy loop:
+    forced blocks always; then free blocks by decreasing mass (ties: lower index), each taken
+    while forced + taken so far < p and its mass is > 0. p >= 1: every visible block."""
+    B, H, nb = mass.shape
+    out = torch.zeros(B, H, nb, dtype=torch.bool)
+    for b, L in enumerate(lens.tolist()):
+        n_valid = -(-L // block_size)
+        forced = forced_blocks_by_tokens(L, nb, block_size, window, sinks)
+        for h in range(H):
+            if p >= 1.0:
+                out[b, h, :n_valid] = True
+                continue
+            m = mass[b, h].tolist()
+            out[b, h] = forced
+            acc = sum(m[j] for j in range(n_valid) if forced[j])
+            for j in sorted((j for j in range(n_valid) if not forced[j]), key=lambda j: (-m[j], j)):
+                if not (acc < p and m[j] > 0):
+                    break
+                out[b, h, j] = True
+                acc += m[j]
+    return out
+
+
+def assert_valid_top_p(got, ref, mass, lens, p, block_size, window, sinks):
     """got must equal ref, except where float rounding at the top-p boundary legitimately picks
-    another minimal set: then it must still be a top set whose mass reaches p (float64)."""
+    another minimal set: it must then still hold the forced blocks, reach p with them, be minimal
+    and take a top set of the free blocks (float64 masses)."""
     diff_rows = (got != ref).any(-1)
     assert diff_rows.float().mean() <= 0.34, "too many rows differ from the reference"
     for b, h in diff_rows.nonzero().tolist():
-        nb = -(-int(lens[b]) // block_size)
+        L = int(lens[b])
+        nb = -(-L // block_size)
+        forced = forced_blocks_by_tokens(L, nb, block_size, window, sinks)
         m = mass[b, h, :nb].double()
         sel = got[b, h, :nb]
-        assert not got[b, h, nb:].any()
+        assert not got[b, h, nb:].any() and sel[forced].all()
+        extra = sel & ~forced
         assert m[sel].sum() >= p - 1e-5
-        assert m[sel].sum() - m[sel].min() < p + 1e-5  # minimal
-        if (~sel).any():
-            assert m[~sel].max() <= m[sel].min() + 1e-6  # a top set
+        if extra.any():
+            assert m[sel].sum() - m[extra].min() < p + 1e-5  # minimal
+            free_out = ~sel
+            if free_out.any():
+                assert m[free_out].max() <= m[extra].min() + 1e-6  # a top set
         assert abs(int(sel.sum()) - int(ref[b, h].sum())) <= 1
 
 
@@ -129,6 +182,59 @@ def indexer_inputs(B, Hr, L, r=16, peak=3.0, seed=0):
 # ------------------------------------------------------------------------- selection (top-p)
 
 LENS = [300, 263, 41]  # full, not a multiple of the block, and shorter than the window
+
+# (window, sinks): not block aligned; sinks over two blocks; no window / sinks (pure top-p);
+# window over everything (every block forced)
+RULE_CASES = [(64, 4), (40, 20), (0, 0), (25, 0), (400, 4)]
+
+
+@pytest.mark.parametrize("window,sinks", RULE_CASES)
+@pytest.mark.parametrize("p", [0.3, 0.7, 0.9, 1.0, 0.0])
+def test_select_reference_is_the_prefill_rule(window, sinks, p):
+    """Reference (float64) == the prefill rule written out as a greedy loop, batch 3 with
+    different lengths; p = 1 keeps every visible block, p = 0 exactly the forced ones."""
+    lens = torch.tensor(LENS)
+    qi, ki = indexer_inputs(3, 2, 300, seed=17 + window + sinks)
+    ki = poison_beyond(ki, lens)
+    got = sd.select_decode_blocks_reference(qi.double(), ki.double(), lens, top_p=p,
+                                            block_size=BS, window=window, sinks=sinks)
+    mass = block_mass_brute(qi, ki, lens, BS)
+    assert torch.equal(got, prefill_rule_brute(mass, lens, p, BS, window, sinks))
+    forced, valid = sd.decode_forced_blocks(lens, got.shape[-1], block_size=BS, window=window,
+                                            sinks=sinks)
+    assert (got <= valid[:, None]).all() and (got >= forced[:, None]).all()
+    if p >= 1.0 or window >= 300:
+        assert torch.equal(got, valid[:, None].expand_as(got))
+    if p == 0.0:
+        assert torch.equal(got, forced[:, None].expand_as(got))
+    chosen, free = sd.decode_block_density(got, lens, block_size=BS, window=window, sinks=sinks)
+    assert torch.equal(chosen, (got & ~forced[:, None]).sum(-1))
+    assert torch.equal(free, (valid & ~forced).sum(-1))
+
+
+@pytest.mark.parametrize("mode", ["mean", "pooled"])
+@pytest.mark.parametrize("window,sinks", [(40, 4), (64, 20), (25, 0), (400, 4)])
+def test_select_reference_equals_block_select_on_last_query(mode, window, sinks):
+    """kernels/block_select.select_blocks_reference itself: with q_block_size = block_size and
+    L = 1 (mod block) the last query block holds only the query at L - 1, so its row of the
+    prefill selection is that query's decode selection."""
+    from kernels.block_select import select_blocks_reference
+
+    lens = torch.tensor([177, 97, 49])  # 11, 6, 3 full blocks + one token
+    g = torch.Generator().manual_seed(window + sinks)
+    qi_all = torch.randn(3, 2, 177, 16, generator=g)
+    ki = torch.randn(3, 2, 177, 16, generator=g) * 3.0 / 4
+    for p in (0.5, 0.8, 0.95, 1.0):
+        got = sd.select_decode_blocks_reference(
+            torch.stack([qi_all[b, :, int(L) - 1] for b, L in enumerate(lens)]),
+            poison_beyond(ki, lens), lens, top_p=p, block_size=BS, window=window, sinks=sinks)
+        for b, L in enumerate(lens.tolist()):
+            ref = select_blocks_reference(qi_all[b:b + 1, :, :L], ki[b:b + 1, :, :L], top_p=p,
+                                          block_size=BS, q_block_size=BS, window=window,
+                                          sinks=sinks, mode=mode)[0, :, -1]
+            nb = ref.shape[-1]
+            assert torch.equal(got[b, :, :nb], ref), (p, b)
+            assert not got[b, :, nb:].any()
 
 
 SELECT_CONFIGS = {  # every search path: fused (last program) / separate kernel, in registers
@@ -148,23 +254,42 @@ def test_select_matches_reference(td, name, p):
     lens = torch.tensor(LENS)
     qi, ki = indexer_inputs(3, 2, 300, seed=int(p * 10) + len(name))
     ki = poison_beyond(ki, lens)
-    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=BS, window=64,
-                                            sinks=4)
-    res = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, block_size=BS, window=64,
-                                         sinks=4, config=cfg(td, **SELECT_CONFIGS[name]))
+    kw = dict(block_size=BS, window=64, sinks=4)
+    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw)
+    res = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=cfg(td, **SELECT_CONFIGS[name]),
+                                         **kw)
     mass = sd.indexer_block_mass_reference(qi.double(), ki.double(), lens, block_size=BS)
     assert res.block_mask.dtype == torch.bool and res.block_mask.shape == ref.shape
-    assert_valid_top_p(res.block_mask, ref, mass, lens, p, BS)
-    # the kept-block list = top-p blocks U blocks holding sink or window tokens, ascending
+    assert_valid_top_p(res.block_mask, ref, mass, lens, p, **kw)
+    assert_valid_top_p(res.block_mask, prefill_rule_brute(mass, lens, p, **kw), mass, lens, p,
+                       **kw)
+    # the kept-block list = the mask's blocks (forced ones included), ascending
     for row in range(6):
         b, h = divmod(row, 2)
-        n = int(lens[b])
-        nb = -(-n // BS)
-        starts = torch.arange(nb) * BS
-        forced = (starts < min(4, n)) | (starts + BS > max(n - 64, 0))
-        expect = (res.block_mask[b, h, :nb] | forced).nonzero().flatten()
+        expect = res.block_mask[b, h].nonzero().flatten()
         cnt = int(res.kept_count[row])
         assert torch.equal(res.kept_idx[row, :cnt].long(), expect)
+
+
+@needs_triton
+@pytest.mark.parametrize("window,sinks", RULE_CASES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_select_triton_is_the_prefill_rule(td, window, sinks, fused):
+    """Triton == the written-out prefill rule on every forced-block layout, p in (0, 1], p = 0,
+    both search launches, resident and tiled tiles."""
+    lens = torch.tensor(LENS)
+    qi, ki = indexer_inputs(3, 2, 300, seed=3 + window + sinks)
+    ki = poison_beyond(ki, lens)
+    mass = block_mass_brute(qi, ki, lens, BS)
+    kw = dict(block_size=BS, window=window, sinks=sinks)
+    for p, tile in ((0.6, 8), (0.9, 4096), (0.99, 8), (1.0, 8), (0.0, 4096)):
+        c = cfg(td, fused_select=fused, select_wide_tile=tile)
+        got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
+        want = prefill_rule_brute(mass, lens, p, **kw)
+        if p in (0.0, 1.0):
+            assert torch.equal(got, want)
+        else:
+            assert_valid_top_p(got, want, mass, lens, p, **kw)
 
 
 def test_select_reference_rule_on_known_masses():
@@ -177,11 +302,17 @@ def test_select_reference_rule_on_known_masses():
     lens = torch.tensor([64])
     mass = sd.indexer_block_mass_reference(qi, ki, lens, block_size=16)[0, 0]
     assert mass.argmax() == 2 and torch.allclose(mass.sum(), torch.tensor(1.0))
-    m = lambda p: sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=16,  # noqa
-                                                    window=0, sinks=0)[0, 0].tolist()
+    m = lambda p, w=0, s=0: sd.select_decode_blocks_reference(  # noqa: E731
+        qi, ki, lens, top_p=p, block_size=16, window=w, sinks=s)[0, 0].tolist()
+    # no forced blocks: plain top-p
     assert m(float(mass[2]) - 1e-4) == [False, False, True, False]
     assert m(float(mass[2] + mass[0]) - 1e-4) == [True, False, True, False]
     assert m(float(mass[2] + mass[0]) + 1e-4) == [True, True, True, False]  # tie 1 vs 3: lower
+    # forced blocks count toward p: window 1 forces block 3, sinks 1 forces block 0
+    assert m(float(mass[2] + mass[3]) - 1e-4, w=1) == [False, False, True, True]
+    assert m(float(mass[0] + mass[3]) - 1e-4, w=1, s=1) == [True, False, False, True]
+    assert m(float(mass[0] + mass[3]) + 1e-4, w=1, s=1) == [True, False, True, True]
+    assert m(float(mass[0] + mass[2] + mass[3]) + 1e-4, w=1, s=1) == [True, True, True, True]
 
 
 @needs_triton
@@ -190,15 +321,21 @@ def test_select_ties_take_lower_block_first(td, fused):
     lens = torch.tensor([160, 150])  # 10 full blocks; 9 full + 1 partial
     qi = torch.randn(2, 2, 16)
     ki = torch.randn(1, 1, 1, 16).expand(2, 2, 160, 16).contiguous()  # all scores equal
-    for p in (0.55, 0.05):
-        ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, block_size=BS, window=16,
-                                                sinks=4)
-        got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, block_size=BS, window=16,
-                                             sinks=4, config=cfg(td, fused_select=fused))
-        assert torch.equal(got.block_mask, ref)
-        # L=160: each block holds 1/10 of the mass -> the first ceil(10 p) blocks
-        want = -(-int(p * 1000) // 100)
-        assert ref[0, 0].tolist() == [i < want for i in range(10)]
+    for window, sinks in ((0, 0), (16, 4)):
+        for p in (0.55, 0.05):
+            kw = dict(block_size=BS, window=window, sinks=sinks)
+            ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw)
+            got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p,
+                                                 config=cfg(td, fused_select=fused), **kw)
+            assert torch.equal(got.block_mask, ref)
+            # L=160: each block holds 1/10 of the mass. No forced block: the first ceil(10 p).
+            # Window 16 + sinks 4 force blocks 0 and 9 (mass 0.2): then the lowest free blocks
+            # 1, 2, ... while the mass stays below p
+            if window == 0:
+                want = {i for i in range(-(-int(p * 1000) // 100))}
+            else:
+                want = {0, 9} | {i for i in range(1, 1 + max(0, -(-int(p * 1000 - 200) // 100)))}
+            assert ref[0, 0].tolist() == [i in want for i in range(10)]
 
 
 @needs_triton
@@ -218,7 +355,7 @@ def test_select_pruned_candidates_and_fallback(td, fused):
         got = td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
         ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw)
         mass = sd.indexer_block_mass_reference(qi.double(), ki.double(), lens, block_size=BS)
-        assert_valid_top_p(got, ref, mass, lens, p, BS)
+        assert_valid_top_p(got, ref, mass, lens, p, **kw)
 
 
 @needs_triton
@@ -226,19 +363,19 @@ def test_select_all_mass_on_one_block(td):
     lens = torch.tensor([200, 200])
     qi = torch.randn(2, 2, 16)
     ki = torch.randn(2, 2, 200, 16) * 0.01
-    hot = [[3, 11], [7, 0]]
+    hot = [[3, 11], [7, 0]]  # 11 is a window block, 0 the sink block
     for b in range(2):
         for h in range(2):
             ki[b, h, hot[b][h] * BS + 5] = qi[b, h] * 10  # one token, huge score
-    got = td.select_decode_blocks_triton(qi, ki, lens, top_p=0.9, block_size=BS, window=16,
-                                         sinks=4, config=cfg(td))
-    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=0.9, block_size=BS, window=16,
-                                            sinks=4)
+    kw = dict(block_size=BS, window=16, sinks=4)
+    got = td.select_decode_blocks_triton(qi, ki, lens, top_p=0.9, config=cfg(td), **kw)
+    ref = sd.select_decode_blocks_reference(qi, ki, lens, top_p=0.9, **kw)
     assert torch.equal(got.block_mask, ref)
-    assert got.block_mask.sum(-1).eq(1).all()
+    forced = {0, 11, 12}  # sink block 0, window tokens 184..199
     for b in range(2):
         for h in range(2):
-            assert got.block_mask[b, h, hot[b][h]]
+            want = forced | {hot[b][h]}  # a forced hot block already brings the mass: nothing more
+            assert got.block_mask[b, h].nonzero().flatten().tolist() == sorted(want)
 
 
 @needs_triton
@@ -248,17 +385,24 @@ def test_select_top_p_edges(td, fused):
     qi, ki = indexer_inputs(2, 3, 200, seed=5)
     nb = [13, 4]
     c = cfg(td, fused_select=fused)
-    kw = dict(block_size=BS, window=16, sinks=4)
-    got = {p: td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
-           for p in (0.0, 1.0, 1e-7)}
-    for p, mask in got.items():
-        assert torch.equal(mask, sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw))
-    assert not got[0.0].any()
-    for b in range(2):
-        assert got[1.0][b, :, :nb[b]].all() and not got[1.0][b, :, nb[b]:].any()
     mass = sd.indexer_block_mass_reference(qi, ki, lens, block_size=BS)
-    assert got[1e-7].sum(-1).eq(1).all()
-    assert torch.equal(got[1e-7].float().argmax(-1), mass.argmax(-1))
+    for window, sinks in ((16, 4), (0, 0)):
+        kw = dict(block_size=BS, window=window, sinks=sinks)
+        got = {p: td.select_decode_blocks_triton(qi, ki, lens, top_p=p, config=c, **kw).block_mask
+               for p in (0.0, 1.0, 1e-7, -1.0, 2.0)}
+        for p, mask in got.items():
+            assert torch.equal(mask, sd.select_decode_blocks_reference(qi, ki, lens, top_p=p, **kw))
+        forced, _ = sd.decode_forced_blocks(lens, 13, **kw)
+        for p in (0.0, -1.0):
+            assert torch.equal(got[p], forced[:, None].expand(2, 3, 13))
+        for b in range(2):
+            for p in (1.0, 2.0):
+                assert got[p][b, :, :nb[b]].all() and not got[p][b, :, nb[b]:].any()
+        if window == 0:  # no forced block: p -> 0 keeps exactly the top block
+            assert got[1e-7].sum(-1).eq(1).all()
+            assert torch.equal(got[1e-7].float().argmax(-1), mass.argmax(-1))
+        else:  # the forced blocks' mass already exceeds p
+            assert torch.equal(got[1e-7], forced[:, None].expand(2, 3, 13))
 
 
 # -------------------------------------------------------------------------- retrieval heads
@@ -414,7 +558,7 @@ def test_rtpurbo_matches_reference(td, fused):
                                                                      local_num_splits=2))
     mass = sd.indexer_block_mass_reference(args["qi"], args["ki_cache"], args["cache_lens"],
                                            block_size=BS)
-    assert_valid_top_p(got.block_mask, ref.block_mask, mass, args["cache_lens"], 0.9, BS)
+    assert_valid_top_p(got.block_mask, ref.block_mask, mass, args["cache_lens"], 0.9, BS, 40, 4)
     if torch.equal(got.block_mask, ref.block_mask):
         assert rel_err(got.out, ref.out) < 1e-5
     # the same output from the per-role references, given the kernel's own mask
@@ -445,22 +589,55 @@ def test_rtpurbo_full_top_p_and_window_is_dense(td):
     assert rel_err(got.out[:, retr], dense[:, retr]) < 1e-5
 
 
+def selected_tokens_attention(q, k, v, block_mask, lens, kv_of, block_size):
+    """Independent retrieval output: dense softmax over every token t < L of the mask's blocks."""
+    B, H, D = q.shape
+    out = torch.empty(B, H, D, dtype=torch.float64)
+    for b, L in enumerate(lens.tolist()):
+        for h in range(H):
+            idx = [t for t in range(L) if block_mask[b, h, t // block_size]]
+            kk, vv = k[b, kv_of[h], idx].double(), v[b, kv_of[h], idx].double()
+            out[b, h] = torch.softmax(kk @ q[b, h].double() / D ** 0.5, 0) @ vv
+    return out
+
+
 @needs_triton
-def test_rtpurbo_p_to_zero_keeps_sinks_window_and_top_block(td):
+@pytest.mark.parametrize("window,sinks", [(40, 4), (24, 20), (400, 4)])
+def test_rtpurbo_layer_is_the_prefill_rule(td, window, sinks):
+    """Whole layer, GQA (3 retrieval query heads on 2 KV heads), batch 3 of different lengths:
+    the kernel's mask is the written-out prefill rule and its retrieval output is exact attention
+    over every token of the selected blocks (forced blocks at block granularity)."""
+    roles = [False, True, False, False, False, False, True, True]
+    args, (k, v) = layer_case([320, 187, 25], roles, W=400, S=max(sinks, 4), seed=window + sinks)
+    kw = dict(top_p=0.8, block_size=BS, window=window, sinks=sinks)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, num_splits=3))
+    lens = args["cache_lens"]
+    mass = block_mass_brute(args["qi"], args["ki_cache"], lens, BS)
+    want_mask = prefill_rule_brute(mass, lens, 0.8, BS, window, sinks)
+    assert_valid_top_p(got.block_mask, want_mask, mass, lens, 0.8, BS, window, sinks)
+    retr = [1, 6, 7]
+    want = selected_tokens_attention(args["q"][:, retr], k, v, got.block_mask, lens,
+                                     args["kv_head_of_r"], BS)
+    assert rel_err(got.out[:, retr], want) < 1e-5
+
+
+@needs_triton
+def test_rtpurbo_p_to_zero_keeps_exactly_the_forced_blocks(td):
     roles = [True] * 4 + [False] * 4
     args, (k, v) = layer_case([300, 150], roles, seed=4)
     kw = dict(block_size=BS, window=24, sinks=4)
-    got = sd.rtpurbo_decode(**args, top_p=1e-7, **kw, impl="triton", config=cfg(td))
-    assert got.block_mask.sum(-1).eq(1).all()
-    zero = sd.rtpurbo_decode(**args, top_p=0.0, **kw, impl="triton", config=cfg(td))
-    assert not zero.block_mask.any()
     lens = args["cache_lens"]
+    forced, _ = sd.decode_forced_blocks(lens, 20, **kw)
+    for p in (0.0, 1e-7):  # the forced mass alone exceeds 1e-7
+        got = sd.rtpurbo_decode(**args, top_p=p, **kw, impl="triton", config=cfg(td))
+        assert torch.equal(got.block_mask, forced[:, None].expand(2, 4, 20))
     for b, n in enumerate(lens.tolist()):
-        idx = sorted(set(range(4)) | set(range(n - 24, n)))
+        # sink block 0 and the blocks of tokens n-24..n-1, every token of them
+        idx = sorted(set(range(BS)) | set(range((n - 24) // BS * BS, n)))
         for h in range(4):
             kk, vv = k[b, h // 4, idx], v[b, h // 4, idx]
             want = torch.softmax(kk @ args["q"][b, h] / 32 ** 0.5, 0) @ vv
-            assert torch.allclose(zero.out[b, h], want, atol=1e-5)
+            assert torch.allclose(got.out[b, h], want, atol=1e-5)
 
 
 @needs_triton
@@ -531,9 +708,60 @@ def test_bench_layer_builder_and_checks(td, monkeypatch):
     assert res["retrieval_rel_err"] < 2e-3 and res["local_rel_err"] < 2e-3
     mask = sd.rtpurbo_decode(**args, impl="triton", config=configs["fused"]).block_mask
     nbytes = bd.bytes_rtpurbo(args, mask, 2)
-    assert 0.1 < nbytes["density"] < 0.25  # ~0.93 of the hot 20% of blocks
+    # chosen free blocks / free blocks: most of the hot 20% (the forced blocks hold some hot mass)
+    assert 0.1 < nbytes["density"] < 0.25
     assert nbytes["local"] == 3 * (4 + 48) * 2 * 32 * 2
     assert nbytes["indexer"] == 2 * 700 * 16 * 2
     kv = bd.kv_bytes_per_token(1, 2)
     assert kv["dense_per_token"] == 4 * 2 * 32 * 2
     assert kv["rtpurbo_per_token"] == 2 * 32 * 2 + 2 * 16 * 2  # 1 KV head + 2 heads' indexer keys
+
+
+@needs_triton
+def test_gpu_check_script_decode_section(td):
+    """scripts/gpu_check_kernels.py's decode checks (Triton vs reference; the GPU run's PASS/FAIL)
+    at CPU size under the interpreter: every check passes."""
+    from scripts import gpu_check_kernels as gck
+
+    ck = gck.Checker()
+    gck.check_decode(ck, torch.device("cpu"))
+    assert len(ck.rows) > 20 and all(r["ok"] for r in ck.rows), [r for r in ck.rows if not r["ok"]]
+    assert all(" triton " in r["check"] for r in ck.rows)
+
+
+def test_decode_rows_topk_baseline_and_density():
+    """models/rtpurbo/decode_rows.py: the top-k baseline = forced blocks + the top_k free blocks;
+    the emulation's density = chosen free blocks / free blocks over rows and batch."""
+    from models.rtpurbo.decode_rows import decode_rows_attention, topk_blocks
+
+    lens = torch.tensor(LENS)
+    qi, ki = indexer_inputs(3, 2, 300, seed=9)
+    kw = dict(block_size=BS, window=40, sinks=20)
+    mask = topk_blocks(qi, poison_beyond(ki, lens), lens, top_k=3, **kw)
+    mass = block_mass_brute(qi, ki, lens, BS)
+    forced, valid = sd.decode_forced_blocks(lens, mask.shape[-1], **kw)
+    for b in range(3):
+        free = (valid & ~forced)[b]
+        for h in range(2):
+            want = forced[b].clone()
+            order = sorted(free.nonzero().flatten().tolist(), key=lambda j: (-float(mass[b, h, j]), j))
+            want[order[:3]] = True
+            assert torch.equal(mask[b, h], want)
+    g = torch.Generator().manual_seed(2)
+    T, Hkv, D = 150, 2, 16
+    q_r = torch.randn(2, 2, T, D, generator=g)
+    k, v = torch.randn(2, Hkv, T, D, generator=g), torch.randn(2, Hkv, T, D, generator=g)
+    qi_all, ki_all = torch.randn(2, 2, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g)
+    for p in (1.0, 0.6):
+        out, dens = decode_rows_attention(q_r, k, v, qi_all, ki_all, [0, 1], 140, top_p=p, **kw)
+        chosen, n_free = torch.zeros(2, dtype=torch.float64), 0
+        for m in range(140, T):
+            lens_m = torch.full((2,), m + 1)
+            sel = sd.select_decode_blocks_reference(qi_all[:, :, m], ki_all, lens_m, top_p=p, **kw)
+            c, f = sd.decode_block_density(sel, lens_m, **kw)
+            chosen += c.sum(0).double()
+            n_free += int(f.sum())
+            want = sd.retrieval_decode_reference(q_r[:, :, m], k, v, [0, 1], sel, lens_m, **kw)
+            assert torch.allclose(out[:, :, m - 140], want)
+        assert torch.allclose(dens.double(), chosen / n_free)
+        assert (dens == 1.0).all() if p == 1.0 else ((dens > 0) & (dens < 1)).all()
