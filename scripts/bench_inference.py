@@ -35,6 +35,14 @@ so that qi . ki[n] = delta * hot(n) + 0.3 z_n, with hot(n) = 1 on a random --den
 blocks and delta = ln(0.97 (1 - d) / (0.03 d)): the hot blocks hold ~97% of the indexer mass, top-p 0.9
 keeps ~0.9/0.97 of them (the measured density is reported). --density 0 keeps the random indexer keys.
 
+Decode split (every row unless --no-split): the step at T as its own CUDA graph and the same step with
+engine.skip_attention (indexer, block selection and attention kernels skipped; projections, norms, RoPE,
+cache writes, MoE kept) as another; attention = step - rest; launches per layer from torch.profiler (CUDA
+kernels of one eager step, minus the same step with no layers, over the layers). When the engine runs the
+fused decode kernels (kernels/fused_decode.py, kernels/moe_decode.py: the default on CUDA, --fused) the same
+is done with the model's modules ("modules" columns) for comparison. --decode-only (= --fill random) runs
+just this part: 2 models x 3 lengths in a minute or two on an H100.
+
 --fill random skips the prefill and writes random K/V, indexer keys, sinks and rings into the cache (decode
 only); --fill auto (default) prefills and falls back to a random fill when the prefill runs out of memory.
 Either is said in the table and the JSON ("fill").
@@ -52,6 +60,7 @@ layer count), margin = 1 GiB (graphs, workspaces, fragmentation). "decode-only" 
 (a chunked prefill bounds activations by the chunk, not T).
 
   python scripts/bench_inference.py --check                      # GPU correctness first (PASS/FAIL)
+  python scripts/bench_inference.py --decode-only --out d.json   # decode only: attention vs rest, fused vs modules
   python scripts/bench_inference.py --out bench_inference.json   # the benchmark (H100: several minutes)
   python scripts/bench_inference.py --smoke --out /tmp/s.json    # CPU, tiny shapes, seconds
 """
@@ -84,6 +93,7 @@ from models.qwen3.model import Qwen3Model  # noqa: E402
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 GIB = 2**30
 MARGIN = 1 * GIB
+FUSED_OPT = {"auto": None, "on": True, "off": False}
 FULL_MODEL_LAYERS = 48  # Qwen3-30B-A3B
 
 
@@ -482,12 +492,145 @@ def time_decode(eng: InferenceEngine, tok: torch.Tensor, args, dev) -> dict:
                 n_graphs=len(eng._graphs.graphs) if eng._graphs is not None else 0)
 
 
+# ------------------------------------------------------------------ decode split: attention vs the rest
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
+            "alias", "permute", "as_strided", "detach", "split", "chunk", "unbind", "_reshape_alias", "lift_fresh",
+            "empty", "empty_like", "new_empty", "empty_strided"}
+
+
+def _time_runner(run, args, dev) -> float:
+    """Median over --repeats of the mean of --decode-iters calls (ms); --decode-warmup calls first."""
+    timer = Timer(dev)
+    for _ in range(args.decode_warmup):
+        run()
+    sync(dev)
+    per = []
+    for _ in range(args.repeats):
+        a = timer.start()
+        for _ in range(args.decode_iters):
+            run()
+        b = timer.start()
+        per.append(timer.ms(a, b) / args.decode_iters)
+    return statistics.median(per)
+
+
+@torch.no_grad()
+def count_step_ops(eng: InferenceEngine, Lv: int, dev) -> dict:
+    """Launches of one static step: CUDA kernels (incl. memset / memcpy) under torch.profiler on CUDA, aten ops
+    (views excluded) under a dispatch mode on CPU. `fixed` = the same step with no layers (embedding, RoPE
+    tables, final norm, head), per_layer = (per_step - fixed) / layers."""
+    def count() -> int:
+        if dev.type == "cuda":
+            from torch.autograd import DeviceType
+            from torch.profiler import ProfilerActivity, profile
+
+            sync(dev)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                eng._decode_core(Lv)
+                sync(dev)
+            return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        n = [0]
+        inside = [0]  # > 0 while Triton's CPU interpreter runs a kernel (its own torch ops are not launches)
+
+        class _Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not inside[0] and func.overloadpacket.__name__ not in VIEW_OPS:
+                    n[0] += 1
+                return func(*args, **(kwargs or {}))
+
+        patched = None
+        if "triton" in sys.modules:  # interpreted Triton kernels: one launch each
+            try:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                patched = (InterpretedFunction, InterpretedFunction.run)
+
+                def run(self, *a, **kw):
+                    n[0] += 1
+                    inside[0] += 1
+                    try:
+                        return patched[1](self, *a, **kw)
+                    finally:
+                        inside[0] -= 1
+
+                InterpretedFunction.run = run
+            except ImportError:
+                patched = None
+        try:
+            with _Count():
+                eng._decode_core(Lv)
+        finally:
+            if patched is not None:
+                patched[0].run = patched[1]
+        return n[0]
+
+    per_step = count()
+    layers = eng.layers
+    try:
+        eng.layers = []
+        fixed = count()
+    finally:
+        eng.layers = layers
+    return dict(what="cuda kernels" if dev.type == "cuda" else "aten ops + Triton launches (cpu)",
+                per_step=per_step, fixed=fixed,
+                per_layer=(per_step - fixed) / max(len(layers), 1))
+
+
+@torch.no_grad()
+def decode_split(eng: InferenceEngine, tok: torch.Tensor, args, dev) -> dict:
+    """The step at cache length T timed as a whole and without its attention (engine.skip_attention: the
+    indexer, block selection and attention kernels skipped, projections / norms / RoPE / cache writes / FFN
+    kept), each as its own CUDA graph (CUDA) or eager static step (CPU); attention = whole - rest. For the
+    engine's path ("fused": the fused Triton kernels; "modules": the model's torch modules) and, when the
+    engine runs the fused kernels, for the modules too. With launch counts (count_step_ops)."""
+    T = eng.lens[0]
+    Lv = eng.view_length(T + 1)
+    st = eng._static_state()
+    st.tok.copy_(tok.reshape(1))
+    st.pos.fill_(T)
+    N = len(eng.layers)
+    paths = [(True, "fused"), (False, "modules")] if eng.fused else [(False, "modules")]
+    fused0, dens0 = eng.fused, eng.track_density
+    eng.track_density = False
+    out = {}
+    try:
+        for fused, name in paths:
+            eng.fused = fused
+            r = {}
+            for skip, key in ((False, "step_ms"), (True, "no_attention_ms")):
+                eng.skip_attention = skip
+                if dev.type == "cuda":
+                    g = graph_of(lambda: eng._decode_core(Lv))
+                    r[key] = _time_runner(g.replay, args, dev)
+                    del g
+                else:
+                    r[key] = _time_runner(lambda: eng._decode_core(Lv), args, dev)
+            eng.skip_attention = False
+            r["attention_ms"] = r["step_ms"] - r["no_attention_ms"]
+            for k_ in ("step_ms", "no_attention_ms", "attention_ms"):
+                r[k_.replace("_ms", "_ms_per_layer")] = r[k_] / N
+            try:
+                r["launches"] = count_step_ops(eng, Lv, dev)
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not stop the timing run
+                print(f"  note: launch count failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                r["launches"] = dict(what=f"not counted ({type(e).__name__})", per_step=float("nan"),
+                                     fixed=float("nan"), per_layer=float("nan"))
+            out[name] = r
+    finally:
+        eng.fused, eng.skip_attention, eng.track_density = fused0, False, dens0
+    return out
+
+
 # ----------------------------------------------------------------------------------------- one length
 def run_one(model, kind, T, args, dev, free0, stats_acc) -> dict:
     N = len(model.layers)
     eng = InferenceEngine(model, max_len=T + args.decode_margin, cuda_graph=(True if dev.type == "cuda" else None),
-                          static_decode=True, track_density=False, graph_min_bucket=args.graph_min_bucket)
-    row = dict(model=kind, seq_len=T, layers=N, graph_status=eng.graph_status, decode_path=eng.decode_path)
+                          static_decode=True, track_density=False, graph_min_bucket=args.graph_min_bucket,
+                          fused_decode=FUSED_OPT[args.fused])
+    row = dict(model=kind, seq_len=T, layers=N, graph_status=eng.graph_status, decode_path=eng.decode_path,
+               decode_layers=eng.fused_status)
     est = RoleKVCache.estimate(model, 1, T + args.decode_margin)
     row.update(kv_cache_bytes=est["total_bytes"], kv_bytes_per_token=est["bytes_per_token"],
                kv_fixed_bytes=est["fixed_bytes_per_sequence"], kv_ratio_vs_dense=est["ratio_vs_dense"])
@@ -555,6 +698,17 @@ def run_one(model, kind, T, args, dev, free0, stats_acc) -> dict:
     row["decode_density"] = step_density(eng, tok)
     row.update(time_decode(eng, tok, args, dev))
     row["decode_ms_per_layer"] = row["decode_step_ms"] / N
+    if args.split:
+        sp = decode_split(eng, tok, args, dev)
+        row["decode_split"] = sp
+        main_path = "fused" if eng.fused else "modules"
+        row["decode_attention_ms_per_layer"] = sp[main_path]["attention_ms_per_layer"]
+        row["decode_rest_ms_per_layer"] = sp[main_path]["no_attention_ms_per_layer"]
+        row["launches_per_layer"] = sp[main_path]["launches"]["per_layer"]
+        if "fused" in sp:
+            row["decode_modules_ms_per_layer"] = sp["modules"]["step_ms_per_layer"]
+            row["decode_modules_rest_ms_per_layer"] = sp["modules"]["no_attention_ms_per_layer"]
+            row["launches_per_layer_modules"] = sp["modules"]["launches"]["per_layer"]
     eng.reset()
     del eng
     gc.collect()
@@ -595,6 +749,10 @@ def fmt_tokens(n):
     return f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n / 1024:.0f}K"
 
 
+def _us(r, key):
+    return "-" if r.get(key) is None else f"{r[key] * 1e3:.1f}"
+
+
 def print_table(res: dict) -> None:
     print("\n| model | T | fill | prefill ms (all layers) | prefill ms / layer | by layer kind | decode us / step | "
           "decode us / layer | step wall us | kept density | KV cache |")
@@ -607,6 +765,27 @@ def print_table(res: dict) -> None:
         print(f"| {r['model']} | {r['seq_len']} | {r['fill'].split(' ')[0]} | {pf} | {pl} | {byk or '-'} | "
               f"{r['decode_step_ms'] * 1e3:.1f} | {r['decode_ms_per_layer'] * 1e3:.1f} | "
               f"{r['decode_wall_ms'] * 1e3:.1f} | {dens} | {r['kv_cache_bytes'] / GIB:.3f} GiB |")
+    if any("decode_split" in r for r in res["results"]):
+        print("\nDecode per layer, split (own graphs: the step, and the step without attention = 'rest'; "
+              "attention = step - rest). 'modules' = the same step through the model's torch modules:")
+        print("| model | T | decode us / layer | attention us / layer | rest us / layer | launches / layer | "
+              "modules: decode us / layer | modules: rest us / layer | modules: launches / layer |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["results"]:
+            if "decode_split" not in r:
+                continue
+            sp = r["decode_split"]
+            main_ = sp.get("fused") or sp["modules"]
+            mod = sp["modules"] if "fused" in sp else None
+            lm = "-" if mod is None else f"{mod['launches']['per_layer']:.1f}"
+            print(f"| {r['model']} | {r['seq_len']} | {main_['step_ms_per_layer'] * 1e3:.1f} | "
+                  f"{main_['attention_ms_per_layer'] * 1e3:.1f} | {main_['no_attention_ms_per_layer'] * 1e3:.1f} | "
+                  f"{main_['launches']['per_layer']:.1f} | "
+                  f"{'-' if mod is None else format(mod['step_ms_per_layer'] * 1e3, '.1f')} | "
+                  f"{'-' if mod is None else format(mod['no_attention_ms_per_layer'] * 1e3, '.1f')} | {lm} |")
+        r0 = next(r for r in res["results"] if "decode_split" in r)
+        print(f"(decode layers: {r0.get('decode_layers')}; launches counted as "
+              f"{next(iter(r0['decode_split'].values()))['launches']['what']})")
     sp = res.get("speedups") or []
     if sp:
         print("\n| T | prefill x (dense / rtpurbo) | decode x (dense / rtpurbo) |")
@@ -726,13 +905,18 @@ def run_check(args, dev, dtype) -> int:
             gm.replay()
             report("MoE: CUDA graph of _moe_static (2 tokens, new input) vs eager, rel max err",
                    rel_max(gm.out, _moe_static(moe, xm[5:7])), 1e-6)
+        if dev.type == "cuda":
+            check_fused(one, args, dev, dtype, g, report)
+        else:
+            print("  fused decode kernels: not checked here (they need CUDA; tests/test_kernels_moe_decode.py "
+                  "checks them in Triton's CPU interpreter)")
         del one, moe
     except Exception as e:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
-        results.append(("MoE checks ran without an exception", False))
-        print(f"  FAIL  MoE: {type(e).__name__}: {e}", flush=True)
+        results.append(("MoE / fused kernel checks ran without an exception", False))
+        print(f"  FAIL  MoE / fused kernels: {type(e).__name__}: {e}", flush=True)
 
     # 3. engine: graph decode vs eager reference decode, graph vs static eager; bench prefill vs engine prefill
     T0 = args.check_len - 3  # decode crosses the bucket boundary at check_len (two graphs)
@@ -754,6 +938,155 @@ def run_check(args, dev, dtype) -> int:
     n_fail = sum(1 for _, ok in results if not ok)
     print(f"\n{'PASS' if not n_fail else 'FAIL'}: {len(results) - n_fail}/{len(results)} checks passed")
     return 0 if not n_fail else 1
+
+
+def rel_norm(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (NaN anywhere -> NaN: fails every tolerance)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _compact_experts(ids, *ws):
+    """(ids remapped to 0..n-1, the n selected experts of each weight in float32): an fp32 reference of the
+    experts without upcasting all 128 of them."""
+    uniq, inv = torch.unique(ids.long(), return_inverse=True)
+    return (inv.view_as(ids),) + tuple(w[uniq].float() for w in ws)
+
+
+@torch.no_grad()
+def check_fused(one, args, dev, dtype, g, report) -> None:
+    """The fused decode kernels at the real shapes vs fp32 references (PASS/FAIL), a CUDA graph of them, and
+    their timings next to what they replace (information)."""
+    import triton.testing
+
+    from kernels import fused_decode as fd
+    from kernels import moe_decode as md
+
+    layer = one.layers["0"]
+    attn, moe = layer.attention, layer.moe
+    ex, an, fn = moe.experts, layer.attention_norm, layer.ffn_norm
+    D, k, E = one.args.dim, moe.top_k, moe.num_experts
+    Hq, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    wqkv = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight], 0).contiguous()
+    print(f"fused decode kernels (dim {D}, {Hq} q / {Hkv} KV heads x {hd}, {E} experts top-{k}, moe hidden "
+          f"{ex.w1.shape[1]}, {dtype}):")
+    for B in (1, 3, 16):
+        x = torch.randn(B, D, device=dev, generator=g).to(dtype)
+        # fused QKV: attention_norm + one matmul over cat(wq, wk, wv), vs fp32 of the same, and the modules
+        got = fd.norm_linear(x, wqkv, norm_weight=an.weight, eps=an.eps,
+                             out=torch.full((B, wqkv.shape[0]), float("nan"), device=dev, dtype=dtype))
+        h32 = fd.rms_norm_reference(x.float(), an.weight.float(), an.eps)
+        h = an(x)
+        mods = torch.cat([attn.wq(h), attn.wk(h), attn.wv(h)], -1)
+        report(f"fused QKV (norm + 1 matmul over cat(wq,wk,wv)) B={B} vs fp32, rel err", rel_norm(got, h32 @ wqkv.float().T),
+               1e-2, f"  (vs the bf16 modules {rel_norm(got, mods):.1e})")
+        # MoE experts read in place (norm + residual fused), routing from the model's router
+        w, ids = moe.router(fn(x))[:2]
+        if B > 1:  # several tokens on the same experts: draw each token's k experts from a pool of k + 4
+            pool = torch.randperm(E, device=dev, generator=g)[: k + 4]
+            ids = torch.stack([pool[torch.randperm(k + 4, device=dev, generator=g)[:k]] for _ in range(B)])
+        out = torch.full((B, D), float("nan"), device=dev, dtype=dtype)
+        got = md.moe_decode(x, ids, w, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps, residual=x, out=out)
+        cid, w1c, w3c, w2c = _compact_experts(ids, ex.w1, ex.w3, ex.w2)
+        ref32 = md.moe_decode_reference(x.float(), cid, w.float(), w1c, w3c, w2c, norm_weight=fn.weight.float(),
+                                        eps=fn.eps, residual=x.float())
+        ref16 = md.moe_decode_reference(x, ids, w, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps, residual=x)
+        shared = B * k - len(set(ids.flatten().tolist()))
+        report(f"moe_decode B={B} top-{k} ({shared} slots on shared experts) vs fp32, rel err", rel_norm(got, ref32),
+               1e-2, f"  (vs the bf16 reference {rel_norm(got, ref16):.1e}, ref vs fp32 {rel_norm(ref16, ref32):.1e})")
+        # router: norm + gate logits, then softmax top-k, vs the model's router on the same logits
+        lg = fd.norm_linear(x, moe.router.gate.weight, norm_weight=fn.weight, eps=fn.eps)
+        lg_ref = moe.router.gate(fn(x))
+        wt, it = fd.router_topk(lg_ref, k, moe.router.norm_topk_prob)
+        wr, ir = fd.router_topk_reference(lg_ref, k, moe.router.norm_topk_prob)
+        pr = torch.softmax(lg_ref.float(), -1)
+        same = bool(torch.equal(pr.gather(1, it.long()), pr.gather(1, ir.long())))  # ties: any order is top-k
+        report(f"router: norm + gate logits B={B} vs fp32, rel err",
+               rel_norm(lg, fd.rms_norm_reference(x.float(), fn.weight.float(), fn.eps) @ moe.router.gate.weight.float().T),
+               1e-2)
+        report(f"router_topk B={B}: top-{k} probabilities == torch.topk's (0 = yes) + weight rel err",
+               (0.0 if same else 1.0) + rel_norm(wt, wr), 1e-2)
+    # QK-norm + RoPE + cache writes (full heads 0 and 2, ring heads 1 and 3, a sink position) vs the torch chain
+    B, L, W, S = 2, 64, 16, 4
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * hd, device=dev, generator=g).to(dtype)
+    pos = torch.tensor([2, 45], device=dev)
+    inv = one.rope_inv_freq
+    from models.qwen3.rope import rope_cos_sin
+
+    cos, sin = (t[:, 0] for t in rope_cos_sin(pos[:, None], inv, one.rope_mscale, dtype))
+    nh = Hkv // 2
+    full = torch.tensor([i // 2 if i % 2 == 0 else -1 for i in range(Hkv)], dtype=torch.int32, device=dev)
+    ring = torch.tensor([i // 2 if i % 2 == 1 else -1 for i in range(Hkv)], dtype=torch.int32, device=dev)
+    init = [torch.randn(B, max(nh, 1), n, hd, device=dev, generator=g).to(dtype) for n in (L, L, W, W, S, S)]
+    names = ("k_cache", "v_cache", "ring_k", "ring_v", "sink_k", "sink_v")
+    kw = dict(n_heads=Hq, n_kv_heads=Hkv, head_dim=hd, q_norm_weight=attn.q_norm.weight,
+              k_norm_weight=attn.k_norm.weight, eps=attn.q_norm.eps, cos=cos, sin=sin, pos=pos, full_slot=full,
+              ring_slot=ring, sinks=S, want_pre=True, want_kv=True)
+    cg, cr = [t.clone() for t in init], [t.clone() for t in init]
+    a = fd.qk_norm_rope(qkv, **kw, **dict(zip(names, cg)))
+    b = fd.qk_norm_rope_reference(qkv, **kw, **dict(zip(names, cr)))
+    err = max([rel_max(x_, y_) for x_, y_ in zip(a, b)] + [rel_max(x_, y_) for x_, y_ in zip(cg, cr)])
+    report("qk_norm_rope (QK-norm + RoPE + full / ring / sink cache writes) vs the torch chain, rel max err", err, 2e-2)
+    # CUDA graph of router + experts fed a new token vs eager (same kernels: exact)
+    xb = torch.randn(1, D, device=dev, generator=g).to(dtype)
+
+    def fused_moe():
+        lg_ = fd.norm_linear(xb, moe.router.gate.weight, norm_weight=fn.weight, eps=fn.eps)
+        w_, i_ = fd.router_topk(lg_, k, moe.router.norm_topk_prob)
+        return md.moe_decode(xb, i_, w_, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps, residual=xb)
+
+    gm = graph_of(fused_moe)
+    new = torch.randn(1, D, device=dev, generator=g).to(dtype)
+    xb.copy_(new)
+    gm.replay()
+    eager = fused_moe()
+    report("CUDA graph of the fused router + MoE (new token) vs eager, rel max err", rel_max(gm.out, eager), 1e-6)
+    # the fused MoE vs the model's router + experts on the same token (top-8 may flip on a rounding: info)
+    ref_m = new + _moe_static(moe, fn(new))
+    print(f"  info: fused router + MoE vs the modules' router + _moe_static on one token: rel err "
+          f"{rel_norm(eager, ref_m):.2e} (a routing flip on bf16 rounding would show as ~1e-1)")
+
+    # ---- timings (information): CUDA-graph replays, median
+    def t_us(fn_):
+        gr = graph_of(fn_)
+        return triton.testing.do_bench(gr.replay, warmup=25, rep=100, return_mode="median") * 1e3
+
+    es = torch.empty((), dtype=dtype).element_size()
+    x1 = torch.randn(1, D, device=dev, generator=g).to(dtype)
+    w1_, i1 = moe.router(fn(x1))[:2]
+    i1 = i1.contiguous()
+    H = ex.w1.shape[1]
+    nbytes = md.moe_decode_bytes(1, k, D, H, es)
+    print(f"  timings, one token (CUDA-graph replays; bytes = the fewest the op must move; at 3 TB/s "
+          f"{nbytes / 3e12 * 1e6:.1f} us for the experts):")
+    cfgs = [("default", md.DEFAULT_CONFIG), ("up BK 512", md.MoEDecodeConfig(block_k=512)),
+            ("up BH 32 / 8 warps", md.MoEDecodeConfig(block_h=32, warps_up=8)),
+            ("down BD 8", md.MoEDecodeConfig(block_d=8)), ("down BD 2", md.MoEDecodeConfig(block_d=2)),
+            ("down tile 16K / 8 warps", md.MoEDecodeConfig(tile_down=16384, warps_down=8))]
+    for name, cfg in cfgs:
+        us = t_us(lambda cfg=cfg: md.moe_decode(x1, i1, w1_, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps,
+                                                residual=x1, config=cfg))
+        print(f"    moe_decode [{name}]: {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s)", flush=True)
+    xb.copy_(x1)
+    us_old = t_us(lambda: x1 + _moe_static(moe, fn(x1)))
+    us_new = t_us(fused_moe)
+    print(f"    ffn_norm + router + experts + residual: modules (_moe_static, grouped mm) {us_old:.1f} us, "
+          f"fused (4 launches) {us_new:.1f} us")
+    hq = an(x1)
+    qb = fd.gemv_bytes(1, wqkv.shape[0], D, es)
+    us_nl = t_us(lambda: fd.norm_linear(x1, wqkv, norm_weight=an.weight, eps=an.eps))
+    us_cb = t_us(lambda: F.linear(hq, wqkv))
+    us_mod = t_us(lambda: (lambda h_: (attn.wq(h_), attn.wk(h_), attn.wv(h_)))(an(x1)))
+    print(f"    QKV: fused norm_linear {us_nl:.1f} us ({qb / us_nl / 1e6:.2f} TB/s); cuBLAS F.linear on cat(wq,wk,wv) "
+          f"without the norm {us_cb:.1f} us; modules (norm + 3 linears) {us_mod:.1f} us")
+    for BN, BK in ((16, 512), (8, 1024), (4, 2048), (32, 256)):
+        us = t_us(lambda BN=BN, BK=BK: fd.norm_linear(x1, wqkv, norm_weight=an.weight, eps=an.eps, tiles=(1, BN, BK)))
+        print(f"    QKV norm_linear tiles BN {BN} BK {BK}: {us:.1f} us ({qb / us / 1e6:.2f} TB/s)")
+    a1 = torch.randn(1, Hq * hd, device=dev, generator=g).to(dtype)
+    ob = fd.gemv_bytes(1, D, Hq * hd, es)
+    us_o = t_us(lambda: fd.norm_linear(a1, attn.wo.weight, residual=x1))
+    us_oc = t_us(lambda: x1 + attn.wo(a1))
+    print(f"    wo + residual: fused {us_o:.1f} us ({ob / us_o / 1e6:.2f} TB/s); modules {us_oc:.1f} us")
 
 
 def _copy_cache(src: InferenceEngine, dst: InferenceEngine) -> None:
@@ -778,10 +1111,12 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
     e_ref = mk(cuda_graph=False, impl="torch")  # eager step, pure-torch references, model MoE
     e_gr = mk(cuda_graph=True if dev.type == "cuda" else None, static_decode=True)
     e_st = mk(cuda_graph=False, static_decode=True)  # the graph-safe step, eagerly
+    e_mod = mk(cuda_graph=False, static_decode=True, fused_decode=False)  # the same step on the model's modules
     l_ref = e_ref.prefill(tokens, [T0])
     l_gr, _ = fast_prefill(e_gr, tokens, args)
     _copy_cache(e_gr, e_st)
-    print(f"  layer kinds: {layer_kinds(e_gr)}; graphs: {e_gr.graph_status}")
+    _copy_cache(e_gr, e_mod)
+    print(f"  layer kinds: {layer_kinds(e_gr)}; graphs: {e_gr.graph_status}; decode layers: {e_gr.fused_status}")
     worst = 0.0  # caches written by the two prefills
     for li, p in enumerate(e_gr.cache.plans):
         for name in ("k", "v", "ki"):
@@ -794,14 +1129,15 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
                 worst = max(worst, rel_max(a, b))
     e_pf, e_pc = rel_max(l_gr, l_ref), worst
     tok_seq = torch.randint(0, model.args.vocab_size, (steps,), device=dev, generator=g)
-    for e in (e_ref, e_gr, e_st):
+    for e in (e_ref, e_gr, e_st, e_mod):
         e.track_density = True
-    errs_ref, errs_st, agree = [], [], 0
+    errs_ref, errs_st, errs_mod, agree = [], [], [], 0
     for s in range(steps):
         t = tok_seq[s:s + 1]
-        a, b, c = e_gr.decode_step(t), e_ref.decode_step(t), e_st.decode_step(t)
+        a, b, c, d = e_gr.decode_step(t), e_ref.decode_step(t), e_st.decode_step(t), e_mod.decode_step(t)
         errs_ref.append(rel_max(a, b))
         errs_st.append(rel_max(a, c))
+        errs_mod.append(rel_max(a, d))
         agree += int(a.argmax() == b.argmax())
     ng = len(e_gr._graphs.graphs) if e_gr._graphs is not None else 0
     dr, dg = e_ref.mean_density(), e_gr.mean_density()
@@ -811,18 +1147,25 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
         ok = e_gr.decode_path == "graph" and ng == 2
         results.append((f"{tag}: decode ran as CUDA graphs (2 buckets)", ok))
         print(f"  {'PASS' if ok else 'FAIL'}  {tag}: decode ran as CUDA graphs over 2 buckets ({ng} captured)")
+        ok = bool(e_gr.fused) and not e_mod.fused
+        results.append((f"{tag}: decode layers ran the fused kernels", ok))
+        print(f"  {'PASS' if ok else 'FAIL'}  {tag}: the graph step used the fused kernels ({e_gr.fused_status})")
     report(f"{tag}: graph decode vs the same step run eagerly (same cache), logits rel max err (worst step)",
            max(errs_st), 1e-2)
     if not moe:
         report(f"{tag}: bench prefill vs engine prefill, last-token logits rel max err", e_pf, 3e-2)
         report(f"{tag}: bench prefill vs engine prefill, cache contents rel max err", e_pc, 3e-2)
         report(f"{tag}: graph decode vs eager reference decode, logits rel max err (worst step)", max(errs_ref), 3e-2)
+        if e_gr.fused:
+            report(f"{tag}: graph decode (fused kernels) vs the static step on the model's modules, logits rel max "
+                   f"err (worst step)", max(errs_mod), 3e-2)
         if dr is not None:
             report(f"{tag}: kept density graph vs reference, abs diff", abs(dg - dr), 2e-2)
     else:
         print(f"  info (MoE routing flips on bf16 rounding, so no tolerance): bench prefill vs engine prefill "
-              f"logits {e_pf:.2e}, cache {e_pc:.2e}; graph decode vs reference decode {max(errs_ref):.2e}")
-    for e in (e_ref, e_gr, e_st):
+              f"logits {e_pf:.2e}, cache {e_pc:.2e}; graph decode vs reference decode {max(errs_ref):.2e}; vs the "
+              f"modules' static step {max(errs_mod):.2e} (per step: {', '.join(f'{x:.1e}' for x in errs_mod)})")
+    for e in (e_ref, e_gr, e_st, e_mod):
         e.reset()
 
 
@@ -849,6 +1192,13 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-density", type=float, default=0.05, help="sparse prefill: planted selection")
     ap.add_argument("--select-mode", choices=["mean", "pooled"], default="pooled")
     ap.add_argument("--fill", choices=["auto", "prefill", "random"], default="auto")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="decode only (implies --fill random: no prefill, no activation measurement): the step time, "
+                         "its attention / rest split and launch counts, fused kernels vs the model's modules")
+    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                    help="the engine's fused_decode (auto: the fused Triton kernels on CUDA)")
+    ap.add_argument("--no-split", dest="split", action="store_false",
+                    help="skip the attention / rest split and the modules comparison of the decode step")
     ap.add_argument("--proj-chunk", type=int, default=65536)
     ap.add_argument("--moe-chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
@@ -866,6 +1216,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
+    if args.decode_only:
+        args.fill = "random"
     if args.layers is None:
         args.layers = 2 if (args.smoke or args.check) else 5
     if args.window is None:
@@ -885,6 +1237,22 @@ def parse_args(argv=None):
         args.check_len = min(args.check_len, 256)
         args.check_steps = min(args.check_steps, 4)
     return args
+
+
+def fallback_without_fused(args, err: Exception, res: dict):
+    """The fused decode kernels raised: say so loudly (traceback, JSON meta, rows) and go on without them."""
+    import traceback
+
+    traceback.print_exc()
+    msg = f"{type(err).__name__}: {err}"[:1000]
+    print(f"  ERROR: the run with the fused decode kernels failed ({msg}); going on with --fused off",
+          flush=True)
+    res["meta"]["fused_error"] = msg
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return argparse.Namespace(**{**vars(args), "fused": "off"})
 
 
 def free_memory(dev) -> tuple[int, int]:
@@ -950,14 +1318,37 @@ def main(argv=None) -> int:
                  for p in plan_layers(model, max(args.seq_lens) + args.decode_margin)]
         print(f"{kind}: {args.layers} layers ({kinds}), "
               f"{param_bytes(model) / GIB:.2f} GiB of weights; warm-up at T={warm_T}", flush=True)
-        run_one(model, kind, warm_T, args, dev, free0, {})
+        run_args = args
+        try:
+            run_one(model, kind, warm_T, args, dev, free0, {})
+        except Exception as e:  # noqa: BLE001 - a fused-kernel failure must not cost the whole run
+            if args.fused == "off":
+                raise
+            run_args = fallback_without_fused(args, e, res)
+            run_one(model, kind, warm_T, run_args, dev, free0, {})
         for T in args.seq_lens:
             t0 = time.perf_counter()
-            row = run_one(model, kind, T, args, dev, free0, act_acc)
+            try:
+                row = run_one(model, kind, T, run_args, dev, free0, act_acc)
+            except Exception as e:  # noqa: BLE001
+                if run_args.fused == "off":
+                    raise
+                run_args = fallback_without_fused(args, e, res)
+                row = run_one(model, kind, T, run_args, dev, free0, act_acc)
+            if run_args is not args:
+                row["fused_error"] = res["meta"]["fused_error"]
             res["results"].append(row)
             pf = f"{row['prefill_ms']:.1f} ms" if "prefill_ms" in row else "no prefill"
+            split = ""
+            if "decode_attention_ms_per_layer" in row:
+                split = (f" = attention {row['decode_attention_ms_per_layer'] * 1e3:.1f} + rest "
+                         f"{row['decode_rest_ms_per_layer'] * 1e3:.1f}, {row['launches_per_layer']:.1f} launches/layer")
+                if "decode_modules_ms_per_layer" in row:
+                    split += (f"; modules {row['decode_modules_ms_per_layer'] * 1e3:.1f} us/layer (rest "
+                              f"{row['decode_modules_rest_ms_per_layer'] * 1e3:.1f}, "
+                              f"{row['launches_per_layer_modules']:.1f} launches/layer)")
             print(f"  {kind} T={T}: prefill {pf}, decode {row['decode_step_ms'] * 1e3:.1f} us/step "
-                  f"({row['decode_ms_per_layer'] * 1e3:.1f} us/layer), density {row.get('decode_density')}, "
+                  f"({row['decode_ms_per_layer'] * 1e3:.1f} us/layer{split}), density {row.get('decode_density')}, "
                   f"fill {row['fill'].split(' ')[0]} [{time.perf_counter() - t0:.1f} s]", flush=True)
         del model
         gc.collect()
@@ -978,6 +1369,9 @@ def main(argv=None) -> int:
                                                        decode_x=d["decode_step_ms"] / r["decode_step_ms"]))
     res["notes"].append("per layer = whole step / layers (embedding, final norm and a small head included)")
     res["notes"].append("decode: CUDA graph replays at cache length T (CUDA events); wall = real decode_step calls")
+    if args.split:
+        res["notes"].append("decode split: the step and the step without attention (indexer, selection, attention "
+                            "kernels skipped) as separate graphs; attention = step - rest")
     if any(r["fill"] != "prefill" for r in res["results"]):
         res["notes"].append("rows with fill=random decoded from a randomly filled cache (no prefill)")
     if args.smoke:

@@ -29,6 +29,11 @@ def test_bench_inference_smoke_json(tmp_path, capsys):
                           "decode_step_ms", "decode_ms_per_layer", "decode_wall_ms", "decode_density", "kv_cache_bytes",
                           "kv_bytes_per_token", "graph_status", "decode_path"}
         assert r["fill"] == "prefill" and r["decode_path"] == "static"
+        # the decode split (attention vs the rest) and launch counts; on CPU the engine runs the modules
+        sp = r["decode_split"]["modules"]
+        assert set(sp) >= {"step_ms", "no_attention_ms", "attention_ms", "step_ms_per_layer", "launches"}
+        assert sp["launches"]["per_layer"] > 0 and sp["launches"]["fixed"] > 0
+        assert r["decode_layers"].startswith("the model's torch modules") and "fused" not in r["decode_split"]
         if r["model"] == "rtpurbo":
             assert 0.0 < r["decode_density"] < 1.0 and r["planted_density"] == 0.05
             assert set(r["prefill_ms_by_layer_kind"]) == {"rtp_0of4", "rtp_1of4"}
@@ -50,3 +55,17 @@ def test_bench_inference_check_code_on_cpu(capsys):
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     assert last.startswith("PASS: ") and last.endswith(" checks passed") and "FAIL" not in out, out[-3000:]
+
+
+def test_bench_inference_decode_only(tmp_path, capsys):
+    """--decode-only: no prefill (random fill), the decode split table."""
+    from scripts.bench_inference import main
+
+    out = tmp_path / "d.json"
+    assert main(["--smoke", "--decode-only", "--seq-lens", "256", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {r["model"] for r in res["results"]} == {"dense", "rtpurbo"}
+    for r in res["results"]:
+        assert r["fill"].startswith("random") and "prefill_ms" not in r
+        assert r["decode_rest_ms_per_layer"] > 0 and r["launches_per_layer"] > 0
+    assert "Decode per layer, split" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,17 @@ def test_decode_path_options_and_log_line(dense, caplog):
         InferenceEngine(dense, max_len=16, cuda_graph=True)
     off = InferenceEngine(dense, max_len=16, cuda_graph=False, static_decode=True)
     assert off.decode_path == "static" and off.graph_status == "off: cuda_graph=False was passed"
+    # fused decode kernels: off on CPU (said in the log), required -> an error without Triton's interpreter
+    assert not eng.fused and not off.fused
+    assert off.fused_status == "the model's torch modules (fused kernels off: the model is on cpu, not CUDA)"
+    assert any(r.getMessage() == "decode layers: the model's torch modules (fused kernels off: the eager decode path "
+               "(fused kernels run in the static step only))" for r in caplog.records)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1 is not set"):
+            InferenceEngine(dense, max_len=16, static_decode=True, fused_decode=True)
+    with pytest.raises(ValueError, match="static step only"):
+        InferenceEngine(dense, max_len=16, fused_decode=True)
+    assert "fused_decode=False" in InferenceEngine(dense, max_len=16, fused_decode=False).fused_status
 
 
 def test_bucket_lengths_and_cache_reuse(dense):

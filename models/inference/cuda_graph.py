@@ -3,7 +3,10 @@
 What a graph replays: the engine's `_decode_core(bucket)` - embedding, every layer (norms, projections,
 RoPE, KV-cache writes at the positions held in a static device buffer, decode attention over the cache
 views [:, :, :bucket], graph-safe MoE / FFN), final norm and output head - reading the token ids and the
-positions from static device buffers and writing the logits into a static output tensor.
+positions from static device buffers and writing the logits into a static output tensor. With the engine's
+fused decode (the default on CUDA) the non-attention part of each layer is a handful of Triton launches
+(kernels/fused_decode.py, kernels/moe_decode.py) instead of ~73 small torch kernels; the warm-up runs below
+compile them before the capture.
 
 Why buckets: a graph fixes every shape, and the decode kernels take the cache as a view [:, :, :L_view].
 With L_view = max_len one graph would serve every step, but the parts of a step whose cost follows the

@@ -29,6 +29,12 @@ Two decode paths, same results (tests/test_inference.py compares them token for 
     (`static_decode=True`) so the tests check the exact function the graph captures.
   Dense layers decode through kernels.sparse_decode.dense_decode (Triton split-K GQA kernel on CUDA, the
   reference on CPU) in the static path; the eager path keeps dense_decode_reference.
+  Fused decode (`fused_decode`, default on CUDA): in the static step everything but the attention runs as a
+  few Triton kernels (kernels/fused_decode.py, kernels/moe_decode.py; `_decode_core_fused`): per MoE layer
+  7 launches instead of ~73 (norm + one QKV projection over the concatenated wq/wk/wv; QK-norm + RoPE +
+  all KV-cache writes; wo + residual; norm + router logits; softmax top-k; experts read in place, 2 kernels).
+  The CPU static path and the eager path keep the model's modules (the tests compare the two in Triton's
+  CPU interpreter).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class GenerationResult:
     decode_path: str = ""  # "graph" | "static" | "eager" (InferenceEngine.decode_path)
     graph_capture_s: float = 0.0  # part of decode_s spent capturing CUDA graphs (warm-ups and JIT included)
     graph_status: str = ""  # whether CUDA graphs were used, and why not
+    decode_layers: str = ""  # fused Triton kernels or the model's torch modules, and why (fused_status)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -133,6 +140,7 @@ def _moe_static(moe, x: torch.Tensor) -> torch.Tensor:
         # back to (token, slot) order and a plain sum over the k slots: deterministic, unlike index_add_'s
         # atomics (a graph replay and an eager run of the step then give the same bits)
         return torch.empty_like(y).index_copy_(0, order, y).view(N, k, D).sum(1)
+    # (the same ops as kernels/moe_decode.moe_decode_reference, inline so that torch-only use imports no triton)
     xs = x.repeat_interleave(k, dim=0)[:, :, None]  # [N*k, D, 1]
     h = F.silu(torch.bmm(ex.w1[flat_e], xs)) * torch.bmm(ex.w3[flat_e], xs)  # [N*k, H, 1]
     y = torch.bmm(ex.w2[flat_e], h)[:, :, 0].view(N, k, D)
@@ -150,6 +158,10 @@ class _StaticLayer:
     local_full: torch.Tensor | None = None
     ix_heads: torch.Tensor | None = None  # indexer: query heads and their KV heads
     ix_kv: torch.Tensor | None = None
+    # fused path (kernels/fused_decode.qk_norm_rope): cache head of each KV head in the full cache / in the
+    # sinks + ring (int32 [Hkv], -1: none); None when the layer has no such cache
+    full_slot: torch.Tensor | None = None
+    ring_slot: torch.Tensor | None = None
 
 
 @dataclass
@@ -162,6 +174,16 @@ class _StaticState:
     ar: torch.Tensor  # [B] arange
     dens: torch.Tensor  # [] float32, sum over steps and retrieval layers of the mean kept density
     layers: list[_StaticLayer]
+    ffn_ids: torch.Tensor | None = None  # fused path, dense FFN layers as one "expert": ids 0, weights 1 [B, 1]
+    ffn_w: torch.Tensor | None = None
+
+
+@dataclass
+class _FusedLayer:
+    """Weights of one layer for the fused decode kernels (built once from the model's modules)."""
+
+    wqkv: torch.Tensor  # [(Hq + 2 Hkv) * D, dim] = cat(wq, wk, wv): one projection for q, k and v
+    bqkv: torch.Tensor | None  # cat of the biases (qkv_bias models), else None
 
 
 class InferenceEngine:
@@ -175,12 +197,22 @@ class InferenceEngine:
         capturing it; default = whether graphs are on. The CPU tests use it to check the captured function.
     graph_min_bucket: smallest cache-view length of the static step (buckets double up to max_len).
     track_density: accumulate the retrieval heads' kept density per decode step (GenerationResult).
+    fused_decode: the non-attention part of the graph-safe step through the fused Triton kernels
+        (kernels/fused_decode.py, kernels/moe_decode.py: norm + fused QKV projection, QK-norm + RoPE + cache
+        writes, output projection + residual, norm + router, MoE / FFN experts read in place, final norm +
+        head) instead of the model's torch modules. None (default) = on iff the model is on CUDA, the step is
+        the static one and impl != "torch" (a CUDA model whose tensors Triton cannot run on logs a warning and
+        stays on the modules); True = required (raises if Triton cannot run, e.g. on CPU without
+        TRITON_INTERPRET=1); False = off. One INFO log line says which and why (`fused_status`).
+        The fused QKV weight is a concatenated copy of wq/wk/wv (built here; reset() rebuilds it after a
+        weight change): (Hq + 2 Hkv) * head_dim * dim elements per layer more memory.
     The cache is kept between calls with the same batch size (so are the graphs, which point into it);
     reset() drops both (needed after changing the model's RTPurbo settings, e.g. top_p)."""
 
     def __init__(self, model: nn.Module, *, max_len: int, chunk_size: int = 256,
                  memory_limit_bytes: int | None = None, impl: str = "auto", cuda_graph: bool | None = None,
-                 static_decode: bool | None = None, graph_min_bucket: int = 2048, track_density: bool = True):
+                 static_decode: bool | None = None, graph_min_bucket: int = 2048, track_density: bool = True,
+                 fused_decode: bool | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if graph_min_bucket < 1:
@@ -225,6 +257,56 @@ class InferenceEngine:
             self.graph_status = f"off: {why}"
         path = "graph" if use else ("static (graph-safe step, run eagerly)" if self.static_decode else "eager")
         log.info("decode: CUDA graphs %s; decode path: %s", self.graph_status, path)
+        self.fused, self.fused_status = self._choose_fused(fused_decode)
+        log.info("decode layers: %s", self.fused_status)
+        self.skip_attention = False  # benchmarks only: the static step without its attention (see _attend_static)
+        self._fused_w: list[_FusedLayer] | None = None
+        if self.fused:
+            self._fused_weights()
+
+    def _choose_fused(self, fused_decode: bool | None) -> tuple[bool, str]:
+        """(use the fused Triton kernels in the static step, the status line)."""
+        what = ("fused Triton kernels (norm + fused QKV, QK-norm + RoPE + cache writes, wo + residual, "
+                "norm + router, MoE / FFN experts in place, norm + head)")
+        if fused_decode is False:
+            return False, "the model's torch modules (fused_decode=False was passed)"
+        why = None
+        if not self.static_decode:
+            why = "the eager decode path (fused kernels run in the static step only)"
+        elif fused_decode is None and self.device.type != "cuda":
+            why = f"the model is on {self.device.type}, not CUDA"
+        elif fused_decode is None and self.impl == "torch":
+            why = "impl='torch' (pure-torch references)"
+        elif self.model.tok_embeddings.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            why = f"dtype {self.model.tok_embeddings.weight.dtype} is not supported by the fused kernels"
+        else:
+            why = sd.triton_unavailable_reason(self.model.tok_embeddings.weight)
+            if why is None:
+                try:
+                    from kernels import fused_decode, moe_decode  # noqa: F401
+                except Exception as e:  # noqa: BLE001 - reported
+                    why = f"the fused kernels cannot be imported ({type(e).__name__}: {e})"
+        if why is None:
+            return True, what
+        if fused_decode:
+            raise ValueError(f"fused_decode=True but the fused decode kernels cannot run: {why}")
+        if self.device.type == "cuda" and self.static_decode and self.impl != "torch":
+            log.warning("fused decode kernels off on CUDA: %s; the decode step runs the model's torch modules", why)
+        return False, f"the model's torch modules (fused kernels off: {why})"
+
+    def _fused_weights(self) -> list[_FusedLayer]:
+        """Concatenated q/k/v weights per layer (built once; dropped by reset())."""
+        if self._fused_w is None:
+            out = []
+            with torch.no_grad():
+                for layer in self.model.layers.values():
+                    a = layer.attention
+                    w = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight], 0).contiguous()
+                    b = (torch.cat([a.wq.bias, a.wk.bias, a.wv.bias], 0).contiguous()
+                         if a.wq.bias is not None else None)
+                    out.append(_FusedLayer(w, b))
+            self._fused_w = out
+        return self._fused_w
 
     @property
     def decode_path(self) -> str:
@@ -240,12 +322,17 @@ class InferenceEngine:
         (graphs and static buffers of the old one are dropped first, and so is the old cache)."""
         if self.cache is not None and self.cache.B == int(batch_size):
             return self.cache
-        self.reset()
+        self._drop_state()
         self.cache = RoleKVCache(self.model, batch_size, self.max_len, memory_limit_bytes=self.memory_limit_bytes)
         return self.cache
 
     def reset(self) -> None:
-        """Drop the cache, the static buffers and the CUDA graphs."""
+        """Drop the cache, the static buffers, the CUDA graphs and the fused QKV weights (rebuilt from the
+        model's current weights when next needed)."""
+        self._drop_state()
+        self._fused_w = None
+
+    def _drop_state(self) -> None:
         if self._graphs is not None:
             self._graphs.clear()
         self._graphs = None
@@ -460,10 +547,16 @@ class InferenceEngine:
         B = cache.B
         layers = []
         for p, layer in zip(cache.plans, self.layers):
+            Hkv = p.n_kv_heads
+            slots = dict(
+                full_slot=(torch.tensor([p.full_kv.index(h) if h in p.full_kv else -1 for h in range(Hkv)],
+                                        dtype=torch.int32, device=dev) if p.full_kv else None),
+                ring_slot=(torch.tensor([p.ring_kv.index(h) if h in p.ring_kv else -1 for h in range(Hkv)],
+                                        dtype=torch.int32, device=dev) if p.ring_kv else None))
             if not p.rtpurbo:
-                layers.append(_StaticLayer())
+                layers.append(_StaticLayer(**slots))
                 continue
-            H, Hkv = p.n_heads, p.n_kv_heads
+            H = p.n_heads
             sub = sorted(p.retrieval + p.local_ring)
             retr = set(p.retrieval)
             ixm = layer.attention.inner_attention.indexer if p.retrieval else None
@@ -473,10 +566,12 @@ class InferenceEngine:
                 sub=_index_or_none(sub, H, dev) if sub else None, sub_roles=[h in retr for h in sub],
                 local_full=_index_or_none(p.local_full, H, dev) if p.local_full else None,
                 ix_heads=_index_or_none(ixm.head_list, H, dev) if ixm is not None else None,
-                ix_kv=_index_or_none(ixm.kv_head_list, Hkv, dev) if ixm is not None else None))
+                ix_kv=_index_or_none(ixm.kv_head_list, Hkv, dev) if ixm is not None else None, **slots))
+        dt = self.model.tok_embeddings.weight.dtype
         self._st = _StaticState(
             B=B, tok=torch.zeros(B, dtype=torch.long, device=dev), pos=torch.zeros(B, dtype=torch.long, device=dev),
-            ar=torch.arange(B, device=dev), dens=torch.zeros((), dtype=torch.float32, device=dev), layers=layers)
+            ar=torch.arange(B, device=dev), dens=torch.zeros((), dtype=torch.float32, device=dev), layers=layers,
+            ffn_ids=torch.zeros(B, 1, dtype=torch.int32, device=dev), ffn_w=torch.ones(B, 1, dtype=dt, device=dev))
         self._graphs = (DecodeGraphs(self._decode_core, dev, restore=[self._st.dens])
                         if self.cuda_graph else None)
         return self._st
@@ -524,13 +619,16 @@ class InferenceEngine:
 
     def _decode_core(self, Lv: int) -> torch.Tensor:
         """One decode step from the static buffers (tokens st.tok at positions st.pos) over cache views of
-        length Lv -> logits [B, V]. No host syncs, no shape that depends on tensor values: CUDA-graph safe."""
+        length Lv -> logits [B, V]. No host syncs, no shape that depends on tensor values: CUDA-graph safe.
+        self.fused: the fused Triton kernels for everything but the attention (_decode_core_fused)."""
         st = self._st
         B = st.B
         pos = st.pos
         lens1 = (pos + 1).to(torch.int32)
         x = self.model.tok_embeddings(st.tok[:, None])
         cs = self._rope(pos[:, None], x.dtype)  # the same for every layer: computed once per step
+        if self.fused:
+            return self._decode_core_fused(Lv, x.view(B, -1), cs, lens1)
         for li, layer in enumerate(self.layers):
             h = layer.attention_norm(x)
             a = self._decode_attention_static(li, layer.attention, h, pos, lens1, Lv, cs)
@@ -542,7 +640,55 @@ class InferenceEngine:
                 x = x + layer.feed_forward(hf)
         return self.model.output(self.model.norm(x))[:, 0]
 
+    def _decode_core_fused(self, Lv: int, x: torch.Tensor, cs, lens1) -> torch.Tensor:
+        """_decode_core's layers through the fused kernels; x [B, dim] embeddings. Per layer: norm + QKV
+        projection (1 launch), QK-norm + RoPE + every KV-cache write (1), attention (as the unfused step),
+        wo + residual (1), then MoE: norm + router logits (1), softmax top-k (1), experts (2); or a dense FFN
+        as a 1-expert MoE (2)."""
+        from kernels import fused_decode as fd
+        from kernels import moe_decode as md
+
+        st, cache = self._st, self.cache
+        B = st.B
+        pos = st.pos
+        fw = self._fused_weights()
+        cos, sin = cs[0][:, 0], cs[1][:, 0]  # [B, head_dim]
+        for li, layer in enumerate(self.layers):
+            attn, p, ix = layer.attention, cache.plans[li], st.layers[li]
+            an = layer.attention_norm
+            qkv = fd.norm_linear(x, fw[li].wqkv, norm_weight=an.weight, eps=an.eps, bias=fw[li].bqkv)
+            ring = dict(ring_k=cache.ring_k[li], ring_v=cache.ring_v[li], sink_k=cache.sink_k[li],
+                        sink_v=cache.sink_v[li], ring_slot=ix.ring_slot, sinks=p.sinks) if p.ring_kv else {}
+            full = dict(k_cache=cache.k[li], v_cache=cache.v[li], full_slot=ix.full_slot) if p.full_kv else {}
+            qn = attn.q_norm
+            q1, _, _, q_pre, k_pre = fd.qk_norm_rope(
+                qkv, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                q_norm_weight=qn.weight if qn is not None else None,
+                k_norm_weight=attn.k_norm.weight if qn is not None else None, eps=qn.eps if qn is not None else 0.0,
+                cos=cos, sin=sin, pos=pos, want_pre=bool(p.retrieval), **full, **ring)
+            if q_pre is not None:
+                q_pre, k_pre = q_pre[:, :, None], k_pre[:, :, None]  # [B, H, 1, D] as in the unfused step
+            a = self._attend_static(li, attn, q1, q_pre, k_pre, pos, lens1, Lv)
+            x = fd.norm_linear(a.reshape(B, -1), attn.wo.weight, bias=attn.wo.bias, residual=x)
+            fn = layer.ffn_norm
+            if layer.moe_enabled:
+                moe = layer.moe
+                logits = fd.norm_linear(x, moe.router.gate.weight, norm_weight=fn.weight, eps=fn.eps,
+                                        bias=moe.router.gate.bias)
+                w, ids = fd.router_topk(logits, moe.top_k, moe.router.norm_topk_prob)
+                ex = moe.experts
+                x = md.moe_decode(x, ids, w, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps, residual=x)
+            else:
+                ff = layer.feed_forward
+                x = md.moe_decode(x, st.ffn_ids, st.ffn_w, ff.w1.weight[None], ff.w3.weight[None],
+                                  ff.w2.weight[None], norm_weight=fn.weight, eps=fn.eps, residual=x)
+        nm = self.model.norm
+        return fd.norm_linear(x, self.model.output.weight, norm_weight=nm.weight, eps=nm.eps,
+                              bias=self.model.output.bias)
+
     def _decode_attention_static(self, li, attn, h, pos, lens1, Lv, cos_sin):
+        """Unfused static step: projections, QK-norm, RoPE and the KV-cache writes with the model's modules
+        and torch indexing, then _attend_static."""
         cache, p, st = self.cache, self.cache.plans[li], self._st
         ix = st.layers[li]
         ar = st.ar
@@ -551,11 +697,36 @@ class InferenceEngine:
         if not p.rtpurbo:
             cache.k[li][ar, :, pos] = k1
             cache.v[li][ar, :, pos] = v1
-            return sd.dense_decode(q1, cache.k[li][:, :, :Lv], cache.v[li][:, :, :Lv], lens1, impl=self.impl)
-        K = V = None
+            return self._attend_static(li, attn, q1, q_pre, k_pre, pos, lens1, Lv)
         if p.full_kv:
             cache.k[li][ar, :, pos] = _take(k1, 1, ix.full_kv)
             cache.v[li][ar, :, pos] = _take(v1, 1, ix.full_kv)
+        if p.local_ring:
+            kr, vr = _take(k1, 1, ix.ring_kv), _take(v1, 1, ix.ring_kv)
+            W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
+            slot = torch.remainder(pos, W)
+            cache.ring_k[li][ar, :, slot] = kr
+            cache.ring_v[li][ar, :, slot] = vr
+            is_sink = (pos < p.sinks)[:, None, None]
+            ss = pos.clamp(max=S - 1)
+            cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
+            cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
+        return self._attend_static(li, attn, q1, q_pre, k_pre, pos, lens1, Lv)
+
+    def _attend_static(self, li, attn, q1, q_pre, k_pre, pos, lens1, Lv):
+        """Decode attention of layer li for q1 [B, Hq, D] (post-RoPE), the new token's K/V already in the
+        cache: the indexer (queries from q_pre, keys from k_pre [B, H, 1, D], written to the cache) and the
+        dense / RTPurbo kernels over cache views of length Lv. With self.skip_attention (benchmarks: the
+        step's cost without its attention) all of this is skipped and q1 is returned as the output."""
+        if self.skip_attention:
+            return q1
+        cache, p, st = self.cache, self.cache.plans[li], self._st
+        ix = st.layers[li]
+        ar = st.ar
+        if not p.rtpurbo:
+            return sd.dense_decode(q1, cache.k[li][:, :, :Lv], cache.v[li][:, :, :Lv], lens1, impl=self.impl)
+        K = V = None
+        if p.full_kv:
             K, V = cache.k[li][:, :, :Lv], cache.v[li][:, :, :Lv]
         qi1 = ki_view = None
         if p.retrieval:
@@ -568,16 +739,6 @@ class InferenceEngine:
             qi1, ki_view = qi[:, :, 0], cache.ki[li][:, :, :Lv]
             if self.record_indexer_queries is not None:  # benchmarks (eager steps only, never in a graph)
                 self.record_indexer_queries[li] = qi1.detach().clone()
-        if p.local_ring:
-            kr, vr = _take(k1, 1, ix.ring_kv), _take(v1, 1, ix.ring_kv)
-            W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
-            slot = torch.remainder(pos, W)
-            cache.ring_k[li][ar, :, slot] = kr
-            cache.ring_v[li][ar, :, slot] = vr
-            is_sink = (pos < p.sinks)[:, None, None]
-            ss = pos.clamp(max=S - 1)
-            cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
-            cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
         out = None
         if p.retrieval or p.local_ring:
             dec = sd.rtpurbo_decode(
@@ -597,7 +758,7 @@ class InferenceEngine:
                 st.dens.add_((kept.float() / lens1[:, None].float()).mean())
         if p.local_full:
             nb = -(-Lv // p.block_size)
-            empty = torch.zeros(h.shape[0], len(p.local_full), nb, dtype=torch.bool, device=h.device)
+            empty = torch.zeros(q1.shape[0], len(p.local_full), nb, dtype=torch.bool, device=q1.device)
             o = sd.retrieval_decode(
                 _take(q1, 1, ix.local_full), K, V, p.full_index(p.local_full), empty, lens1, window=p.window,
                 sinks=p.sinks, block_size=p.block_size, impl=self.impl)
@@ -683,6 +844,7 @@ class InferenceEngine:
         res.decode_steps = steps
         res.mean_density = self.mean_density()
         res.graph_status = self.graph_status
+        res.decode_layers = self.fused_status
         if self._graphs is not None:
             res.graph_capture_s = self._graphs.capture_s - capture0
         return res
