@@ -399,6 +399,12 @@ class BlockSelection:
         return listed / self.seq_len
 
 
+THRESHOLDS = ("auto", "triton", "triton_bisect", "triton_hist", "bisect", "radix", "sort")
+# what threshold="auto" runs on CUDA. "triton" is the measured one (docs/kernels.md); switch to
+# "triton_hist" once scripts/bench_attention.py shows it faster on the GPU.
+DEFAULT_CUDA_THRESHOLD = "triton"
+
+
 def _check_selection_args(T: int, top_p: float, block_size: int, q_block_size: int, window: int, sinks: int) -> None:
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -475,23 +481,37 @@ def select_blocks(
     threshold: str = "auto",
     backend: str = "auto",
     max_chunk_bytes: int = 1 << 30,
+    hist_config=None,
 ) -> BlockSelection:
     """Dynamic top-p key-block selection for every query block of every retrieval head.
 
     threshold: how the top-p cut is found.
-      "triton": one fused kernel per (head, query block) row: forced blocks, bisection on
-                the float bits, compaction (kernels/triton_block_select.py);
+      "triton" (= "triton_bisect"): block mass kernel, then one fused kernel per (head, query
+                block) row: forced blocks, 31-step bisection on the float bits over the row
+                padded to a power of two, compaction (kernels/triton_block_select.py);
+      "triton_hist": pooled mode: one-pass split-K log-mass kernel; any mode: the streaming
+                selection kernel (cumulative mass histogram over a bit-pattern bracket, exact
+                finish in registers; HistConfig via hist_config). Same selection rule;
       "bisect" | "radix": the same search in torch ops; "sort": sort + cumsum (reference);
-      "auto": "triton" on CUDA, else "bisect".
-    backend: block-mass implementation ("auto" | "triton" | "torch", see indexer_block_mass).
+      "auto": DEFAULT_CUDA_THRESHOLD on CUDA, else "bisect".
+    backend: block-mass implementation ("auto" | "triton" | "torch", see indexer_block_mass);
+      with "triton_hist" and mode "pooled", "auto"/"triton" on CUDA (or "triton" anywhere)
+      use the log-mass kernel, "torch" the chunked torch mass.
     Works in chunks of query blocks so [B, Hr, chunk, nKB] tensors stay under max_chunk_bytes.
     """
     B, H, T, r = _check_indexer(qi, ki, block_size, q_block_size, doc_ids)
     _check_selection_args(T, top_p, block_size, q_block_size, window, sinks)
-    if threshold not in ("auto", "triton", "bisect", "radix", "sort"):
-        raise ValueError(f"threshold must be 'auto', 'triton', 'bisect', 'radix' or 'sort', got {threshold!r}")
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     if threshold == "auto":
-        threshold = "triton" if qi.is_cuda else "bisect"
+        threshold = DEFAULT_CUDA_THRESHOLD if qi.is_cuda else "bisect"
+    if threshold == "triton_bisect":
+        threshold = "triton"
+    if threshold == "triton_hist":
+        return _select_blocks_hist(
+            qi, ki, top_p=top_p, block_size=block_size, q_block_size=q_block_size, window=window, sinks=sinks,
+            mode=mode, doc_ids=doc_ids, backend=backend, max_chunk_bytes=max_chunk_bytes, config=hist_config,
+        )
     n_qb, n_kb = _cdiv(T, q_block_size), _cdiv(T, block_size)
     chunk = max(1, min(n_qb, max_chunk_bytes // (4 * B * H * n_kb)))
     nums, idxs = [], []
@@ -551,6 +571,62 @@ def select_blocks(
         num, idx = _compact_selected(sel)
         nums.append(num)
         idxs.append(idx)
+    return _selection_from_chunks(
+        nums, idxs, kept, selectable, T=T, block_size=block_size, q_block_size=q_block_size,
+        window=window, sinks=sinks, top_p=top_p, doc_ids=doc_ids,
+    )
+
+
+def _select_blocks_hist(
+    qi: Tensor, ki: Tensor, *, top_p: float, block_size: int, q_block_size: int, window: int, sinks: int,
+    mode: str, doc_ids: Tensor | None, backend: str, max_chunk_bytes: int, config,
+) -> BlockSelection:
+    """select_blocks(threshold="triton_hist"): log-mass (pooled) or block-mass kernel per chunk of
+    query blocks, then the streaming selection kernel; lists trimmed to the chunk's widest row."""
+    from kernels import triton_block_select as tbs
+
+    B, H, T, r = qi.shape
+    n_qb, n_kb = _cdiv(T, q_block_size), _cdiv(T, block_size)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    use_log = (
+        top_p < 1.0 and mode == "pooled" and tbs.triton_supports(qi, block_size, q_block_size, mode)
+        and (backend == "triton" or (backend == "auto" and qi.is_cuda))
+    )
+    # two [B, Hr, chunk, nKB] 4-byte buffers (masses, lists) per chunk
+    chunk = max(1, min(n_qb, max_chunk_bytes // (4 * B * H * n_kb)))
+    doc0 = tbs.doc_start_per_q_block(doc_ids, T, q_block_size, qi.device)
+    qbar = tbs.pooled_queries_log2(qi, q_block_size) if use_log else None
+    n_valid = _valid_rows_per_q_block(T, q_block_size, qi.device).double()
+    kept = torch.zeros(B, H, dtype=torch.float64, device=qi.device)
+    selectable = torch.zeros(B, H, dtype=torch.float64, device=qi.device)
+    nums, idxs = [], []
+    for c0 in range(0, n_qb, chunk):
+        c1 = min(c0 + chunk, n_qb)
+        x = None
+        if top_p < 1.0:
+            if use_log:
+                x = tbs.indexer_block_logmass_triton(
+                    qi, ki, block_size=block_size, q_block_size=q_block_size, doc_ids=doc_ids,
+                    q_block_start=c0, q_block_end=c1, qbar_log2=qbar, doc0=doc0,
+                )
+            else:
+                x = indexer_block_mass(
+                    qi, ki, block_size=block_size, q_block_size=q_block_size, mode=mode, doc_ids=doc_ids,
+                    q_block_start=c0, q_block_end=c1, backend=backend,
+                )
+        idx, num, kept_c, free_c = tbs.topp_select_rows_hist_triton(
+            x, log_input=use_log, batch=B, heads=H, n_rows=c1 - c0, seq_len=T, window=window, sinks=sinks,
+            block_size=block_size, q_block_size=q_block_size, q_block_start=c0, top_p=top_p, doc0=doc0,
+            config=config, device=qi.device,
+        )
+        del x
+        w = n_valid[c0:c1]
+        kept += (kept_c.double() * w).sum(-1)
+        selectable += (free_c.double() * w).sum(-1)
+        nums.append(num)
+        idxs.append(tbs.trim_selection_lists(idx, num))
+        del idx
     return _selection_from_chunks(
         nums, idxs, kept, selectable, T=T, block_size=block_size, q_block_size=q_block_size,
         window=window, sinks=sinks, top_p=top_p, doc_ids=doc_ids,

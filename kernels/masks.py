@@ -548,6 +548,19 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+# FlexAttention kernel_options used by local_attention when none are passed (None = torch's
+# own choice; on the H100 with torch 2.11 that is BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages
+# for bf16 head_dim 128). scripts/bench_attention.py sweeps candidates (LOCAL_KERNEL_OPTION_
+# CANDIDATES there); set this to the measured best. Keys: FlexKernelOptions in
+# torch.nn.attention.flex_attention (BLOCK_M / BLOCK_N must divide the mask's 128-token blocks;
+# fwd_* / bwd_* prefixes apply to one direction, e.g. bwd_BLOCK_M1).
+LOCAL_KERNEL_OPTIONS: dict | None = None
+# Query heads per flex_attention call in local_attention (rounded down to whole KV groups; None =
+# all heads in one call). Inductor indexes a call in int64 once q/k/v/out exceed 2^31 elements
+# (24 heads x 1M tokens x 128), in int32 below; the benchmark measures whether splitting pays.
+LOCAL_HEADS_PER_CALL: int | None = None
+
+
 def local_attention(
     q: Tensor,
     k: Tensor,
@@ -559,15 +572,35 @@ def local_attention(
     scale: float | None = None,
     block_size: int = 128,
     compiled: bool | None = None,
+    kernel_options: dict | None = None,
+    heads_per_call: int | None = None,
 ) -> Tensor:
-    """Window + sink attention for local heads via FlexAttention (compiled on CUDA, GQA)."""
-    B, _, _, T, _ = _check_qkv(q, k, v)
+    """Window + sink attention for local heads via FlexAttention (compiled on CUDA, GQA).
+    kernel_options: FlexAttention kernel options (default LOCAL_KERNEL_OPTIONS); each distinct
+    dict is one more Dynamo compile of flex_attention. "IS_DIVISIBLE": True is dropped when
+    T is not a multiple of 128 (it would skip bounds checks). heads_per_call: query heads per
+    flex call, whole KV groups (default LOCAL_HEADS_PER_CALL; None = one call)."""
+    B, Hq, Hkv, T, _ = _check_qkv(q, k, v)
     _check_doc_ids(doc_ids, T, B)
     bm = window_sink_block_mask(
         T, window, sinks, block_size=block_size, device=q.device, doc_ids=doc_ids,
         compute_q_blocks=_needs_grad(q, k, v),
     )
-    return flex_attention_call(q, k, v, bm, scale=scale, compiled=compiled)
+    if kernel_options is None and LOCAL_KERNEL_OPTIONS is not None:
+        kernel_options = dict(LOCAL_KERNEL_OPTIONS)
+    if kernel_options is not None and kernel_options.get("IS_DIVISIBLE") and T % 128:
+        kernel_options = {k_: v_ for k_, v_ in kernel_options.items() if k_ != "IS_DIVISIBLE"}
+    heads_per_call = LOCAL_HEADS_PER_CALL if heads_per_call is None else heads_per_call
+    G = Hq // Hkv
+    groups = max(1, (heads_per_call or Hq) // G)
+    if groups >= Hkv:
+        return flex_attention_call(q, k, v, bm, scale=scale, compiled=compiled, kernel_options=kernel_options)
+    outs = [
+        flex_attention_call(q[:, g0 * G : (g0 + groups) * G], k[:, g0 : g0 + groups], v[:, g0 : g0 + groups], bm,
+                            scale=scale, compiled=compiled, kernel_options=kernel_options)
+        for g0 in range(0, Hkv, groups)
+    ]
+    return torch.cat(outs, dim=1)
 
 
 def causal_attention(
@@ -579,12 +612,13 @@ def causal_attention(
     scale: float | None = None,
     block_size: int = 128,
     compiled: bool | None = None,
+    kernel_options: dict | None = None,
 ) -> Tensor:
     """Dense causal (+document) attention through FlexAttention, for the model's 'flex' backend."""
     B, _, _, T, _ = _check_qkv(q, k, v)
     _check_doc_ids(doc_ids, T, B)
     bm = causal_block_mask(T, block_size=block_size, device=q.device, doc_ids=doc_ids, compute_q_blocks=_needs_grad(q, k, v))
-    return flex_attention_call(q, k, v, bm, scale=scale, compiled=compiled)
+    return flex_attention_call(q, k, v, bm, scale=scale, compiled=compiled, kernel_options=kernel_options)
 
 
 def masked_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: float | None = None) -> Tensor:

@@ -230,3 +230,33 @@ def test_partial_and_full_lists_share_one_width(monkeypatch):
             assert torch.equal(block_mask_to_dense(bm)[:, 0], ref)
     finally:
         masks._cached_window_sink_mask.cache_clear()
+
+
+def test_local_attention_kernel_options_and_head_split(monkeypatch):
+    # kernel_options reach flex_attention (LOCAL_KERNEL_OPTIONS when none are given), IS_DIVISIBLE
+    # is dropped when T is not a multiple of 128, and heads_per_call splits by whole KV groups
+    q, k, v = _qkv(2, 6, 3, 300, 16, 5)
+    ref = local_attention_reference(q, k, v, window=40, sinks=4)
+    seen = []
+    real_call = masks.flex_attention_call
+
+    def spy(q_, k_, v_, bm, **kw):
+        seen.append((q_.shape[1], k_.shape[1], kw.get("kernel_options")))
+        return real_call(q_, k_, v_, bm, **kw)
+
+    monkeypatch.setattr(masks, "flex_attention_call", spy)
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "IS_DIVISIBLE": True}
+    out = local_attention(q, k, v, window=40, sinks=4, block_size=32, kernel_options=opts)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert seen[-1] == (6, 3, {k_: v_ for k_, v_ in opts.items() if k_ != "IS_DIVISIBLE"})
+    for per_call, calls in ((2, [(2, 1)] * 3), (4, [(4, 2), (2, 1)]), (6, [(6, 3)]), (1, [(2, 1)] * 3)):
+        seen.clear()
+        out = local_attention(q, k, v, window=40, sinks=4, block_size=32, heads_per_call=per_call)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        assert [s[:2] for s in seen] == calls
+    monkeypatch.setattr(masks, "LOCAL_KERNEL_OPTIONS", {"BLOCK_M": 32, "IS_DIVISIBLE": True})
+    q2, k2, v2 = _qkv(1, 2, 1, 256, 16, 6)
+    seen.clear()
+    out = local_attention(q2, k2, v2, window=40, sinks=4, block_size=32)
+    torch.testing.assert_close(out, local_attention_reference(q2, k2, v2, window=40, sinks=4), atol=2e-5, rtol=2e-5)
+    assert seen[-1][2] == {"BLOCK_M": 32, "IS_DIVISIBLE": True}

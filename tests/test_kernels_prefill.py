@@ -202,6 +202,87 @@ def test_triton_block_mass_interpreter():
     assert "TRITON_OK 15" in res.stdout
 
 
+_HIST_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import kernels.triton_block_select as tbs
+    from kernels.block_select import (_compact_selected, forced_and_candidate_blocks, indexer_block_mass_pooled_reference,
+                                      select_blocks, select_blocks_reference, selection_to_dense, topp_keep_reference)
+    assert type(tbs._topp_select_hist_kernel).__name__ == "InterpretedFunction", type(tbs._topp_select_hist_kernel)
+    HC = tbs.HistConfig
+    SMALL = HC(tile=16, cand=4, thresholds=4, search_arity=2)  # several tiles, rounds and a gather per row
+    RESTART = HC(tile=16, cand=2, thresholds=2, search_arity=2, bound_scale=10.0)  # bracket misses: restart from 0
+    g = torch.Generator().manual_seed(0)
+    B, H, T, r = 2, 2, 300, 16  # T not a multiple of the 16-token key block or the 32-token query block
+    qi = torch.randn(B, H, T, r, generator=g) * 0.6
+    ki = torch.randn(B, H, T, r, generator=g)
+    doc = torch.tensor([[0] * 70 + [1] * 3 + [2] * 127 + [3] * 100, [4] * 300])
+    n = 0
+    # one-pass log-mass (pooled) vs the fp32 reference mass; only the causal range is written
+    for d in (None, doc):
+        ref = indexer_block_mass_pooled_reference(qi, ki, block_size=16, q_block_size=32, doc_ids=d)
+        _, cand = forced_and_candidate_blocks(T, block_size=16, q_block_size=32, window=40, sinks=4, doc_ids=d, device="cpu")
+        L = tbs.indexer_block_logmass_triton(qi, ki, block_size=16, q_block_size=32, doc_ids=d, fill=True,
+                                             block_m=16, chunk_blocks=4)
+        torch.testing.assert_close(tbs.mass_from_log2(L, cand), ref, atol=1e-6, rtol=1e-5)
+        assert torch.isfinite(L[cand.expand_as(L)]).all() and torch.isinf(L[~cand.expand_as(L)]).all()
+        part = tbs.indexer_block_logmass_triton(qi, ki, block_size=16, q_block_size=32, doc_ids=d, fill=True,
+                                                q_block_start=3, q_block_end=7, block_m=16, chunk_blocks=4)
+        torch.testing.assert_close(part, L[:, :, 3:7])
+        n += 2
+    # select_blocks(threshold="triton_hist") vs the sort + cumsum reference (dense T x T masses)
+    cases = [("pooled", "triton", None, 0.3, SMALL), ("pooled", "triton", doc, 0.8, SMALL), ("pooled", "triton", None, 0.9, None),
+             ("mean", "torch", doc, 0.6, SMALL), ("pooled", "triton", doc, 1.0, SMALL)]
+    for mode, backend, d, p, cfg in cases:
+        kw = dict(top_p=p, block_size=16, q_block_size=32, window=40, sinks=4, mode=mode, doc_ids=d)
+        sel = select_blocks(qi, ki, threshold="triton_hist", backend=backend, hist_config=cfg,
+                            max_chunk_bytes=4 * 2 * 2 * 19 * 4, **kw)
+        ref = select_blocks(qi, ki, threshold="sort", backend="torch", **kw)
+        assert torch.equal(selection_to_dense(sel), select_blocks_reference(qi, ki, **kw)), (mode, backend, p)
+        assert torch.equal(sel.kv_indices, ref.kv_indices) and torch.equal(sel.kv_num_blocks, ref.kv_num_blocks)
+        torch.testing.assert_close(sel.density, ref.density)
+        n += 1
+    # the selection kernel alone on given masses: ties, zeros, rows whose window holds top_p
+    # (keeps nothing extra), unnormalised rows whose free mass is under target (keeps all > 0)
+    T2, n_kb, n_qb = 700, 44, 22
+    forced, cand = forced_and_candidate_blocks(T2, block_size=16, q_block_size=32, window=96, sinks=5, doc_ids=None, device="cpu")
+    free = cand & ~forced
+    def check(mass, p, cfg, c0=3, n_rows=8):
+        mass = mass[:, :, c0:c0 + n_rows].contiguous()
+        f, fr, ca = forced[:, :, c0:c0 + n_rows], free[:, :, c0:c0 + n_rows], cand[:, :, c0:c0 + n_rows]
+        idx, num, kept, nfree = tbs.topp_select_rows_hist_triton(
+            mass, log_input=False, batch=2, heads=2, n_rows=n_rows, seq_len=T2, window=96, sinks=5, block_size=16,
+            q_block_size=32, q_block_start=c0, top_p=p, config=cfg)
+        extra = topp_keep_reference(torch.where(fr, mass, 0.0), p - torch.where(f, mass, 0.0).sum(-1)) & fr
+        want_num, want_idx = _compact_selected((f | extra).expand(2, 2, -1, -1))
+        assert torch.equal(num, want_num) and torch.equal(tbs.trim_selection_lists(idx, num), want_idx), p
+        assert torch.equal(kept, extra.sum(-1).int()) and torch.equal(nfree, fr.sum(-1).int().expand(2, 2, -1))
+        return extra
+    u = torch.rand(2, 2, n_qb, n_kb, generator=g)
+    cont = torch.where(cand, torch.softmax(torch.randn(2, 2, n_qb, n_kb, generator=g) * 2, -1), 0.0)
+    cont = cont / cont.sum(-1, keepdim=True)
+    # exact ties: three random values (not integers: integer ratios put cumulative sums exactly on target)
+    ties = torch.where(cand, (torch.rand(3, generator=g) + 0.5)[torch.randint(0, 3, (2, 2, n_qb, n_kb), generator=g)], 0.0)
+    ties = ties / ties.sum(-1, keepdim=True)
+    heavy = torch.where(forced, 1.0, torch.where(cand, 1e-3, 0.0)).expand(2, 2, -1, -1)
+    for mass, p, cfg in ((ties, 0.5, SMALL), (ties, 0.9, RESTART), (cont, 0.9, RESTART), (cont * (u > 0.3), 0.8, SMALL)):
+        check(mass, p, cfg)  # (zero masses are never kept)
+        n += 1
+    assert not check(heavy / heavy.sum(-1, keepdim=True), 0.6, SMALL).any()  # window mass >= top_p
+    assert (check(cont * 0.5, 0.9, SMALL) == (free[:, :, 3:11] & (cont[:, :, 3:11] > 0))).all()
+    n += 2
+    print("HIST_OK", n)
+    """
+)
+
+
+def test_triton_hist_selection_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _HIST_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "HIST_OK 15" in res.stdout, res.stdout[-2000:]
+
+
 # -------------------------------------------------------------------------- selection
 
 
