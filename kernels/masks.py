@@ -554,11 +554,25 @@ def _needs_grad(*xs: Tensor) -> bool:
 # CANDIDATES there); set this to the measured best. Keys: FlexKernelOptions in
 # torch.nn.attention.flex_attention (BLOCK_M / BLOCK_N must divide the mask's 128-token blocks;
 # fwd_* / bwd_* prefixes apply to one direction, e.g. bwd_BLOCK_M1).
-LOCAL_KERNEL_OPTIONS: dict | None = None
+# Measured 2026-11-25 on the H100 (docs/kernels.md, forward, 24 local heads): 441 / 425 / 437 TF/s at
+# 32K / 128K / 1M vs 384 / 388 / 321 with torch's choice (70.2 / 70.6 / 88.8% of cuDNN's dense TF/s).
+# Used for forward-only calls (prefill, evaluation); calls that need gradients keep torch's choice,
+# since backward was not swept.
+LOCAL_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
+                                     "IS_DIVISIBLE": True}
 # Query heads per flex_attention call in local_attention (rounded down to whole KV groups; None =
 # all heads in one call). Inductor indexes a call in int64 once q/k/v/out exceed 2^31 elements
 # (24 heads x 1M tokens x 128), in int32 below; the benchmark measures whether splitting pays.
 LOCAL_HEADS_PER_CALL: int | None = None
+
+
+def default_local_kernel_options(on_cuda: bool, needs_grad: bool, block_size: int) -> dict | None:
+    """LOCAL_KERNEL_OPTIONS where they were measured (CUDA, forward only, 128-token mask blocks that the
+    128 x 128 tiles divide); None (torch's own choice) elsewhere."""
+    if LOCAL_KERNEL_OPTIONS is None or not on_cuda or needs_grad:
+        return None
+    tile = max(LOCAL_KERNEL_OPTIONS.get("BLOCK_M", 0), LOCAL_KERNEL_OPTIONS.get("BLOCK_N", 0))
+    return dict(LOCAL_KERNEL_OPTIONS) if tile and block_size % tile == 0 else None
 
 
 def local_attention(
@@ -576,7 +590,8 @@ def local_attention(
     heads_per_call: int | None = None,
 ) -> Tensor:
     """Window + sink attention for local heads via FlexAttention (compiled on CUDA, GQA).
-    kernel_options: FlexAttention kernel options (default LOCAL_KERNEL_OPTIONS); each distinct
+    kernel_options: FlexAttention kernel options (default LOCAL_KERNEL_OPTIONS when no gradient is
+    needed, torch's choice otherwise); each distinct
     dict is one more Dynamo compile of flex_attention. "IS_DIVISIBLE": True is dropped when
     T is not a multiple of 128 (it would skip bounds checks). heads_per_call: query heads per
     flex call, whole KV groups (default LOCAL_HEADS_PER_CALL; None = one call)."""
@@ -586,8 +601,8 @@ def local_attention(
         T, window, sinks, block_size=block_size, device=q.device, doc_ids=doc_ids,
         compute_q_blocks=_needs_grad(q, k, v),
     )
-    if kernel_options is None and LOCAL_KERNEL_OPTIONS is not None:
-        kernel_options = dict(LOCAL_KERNEL_OPTIONS)
+    if kernel_options is None:
+        kernel_options = default_local_kernel_options(q.is_cuda, _needs_grad(q, k, v), block_size)
     if kernel_options is not None and kernel_options.get("IS_DIVISIBLE") and T % 128:
         kernel_options = {k_: v_ for k_, v_ in kernel_options.items() if k_ != "IS_DIVISIBLE"}
     heads_per_call = LOCAL_HEADS_PER_CALL if heads_per_call is None else heads_per_call

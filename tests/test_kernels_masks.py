@@ -254,9 +254,14 @@ def test_local_attention_kernel_options_and_head_split(monkeypatch):
         out = local_attention(q, k, v, window=40, sinks=4, block_size=32, heads_per_call=per_call)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
         assert [s[:2] for s in seen] == calls
+    # the measured defaults apply on CUDA, forward only, when their tiles divide the mask blocks
     monkeypatch.setattr(masks, "LOCAL_KERNEL_OPTIONS", {"BLOCK_M": 32, "IS_DIVISIBLE": True})
+    assert masks.default_local_kernel_options(True, False, 128) == {"BLOCK_M": 32, "IS_DIVISIBLE": True}
+    assert masks.default_local_kernel_options(True, True, 128) is None  # backward was not swept
+    assert masks.default_local_kernel_options(False, False, 128) is None  # CPU: torch's choice
+    assert masks.default_local_kernel_options(True, False, 48) is None  # 32-wide tiles do not divide 48
     q2, k2, v2 = _qkv(1, 2, 1, 256, 16, 6)
     seen.clear()
     out = local_attention(q2, k2, v2, window=40, sinks=4, block_size=32)
     torch.testing.assert_close(out, local_attention_reference(q2, k2, v2, window=40, sinks=4), atol=2e-5, rtol=2e-5)
-    assert seen[-1][2] == {"BLOCK_M": 32, "IS_DIVISIBLE": True}
+    assert seen[-1][2] is None  # CPU
