@@ -186,6 +186,19 @@ class _FusedLayer:
     bqkv: torch.Tensor | None  # cat of the biases (qkv_bias models), else None
 
 
+
+def _write_ring_and_sinks(cache, li: int, sinks: int, kr, vr, pos, ar) -> None:
+    """One decode token per sequence into layer li's ring buffer (slot pos % window) and, while pos < sinks,
+    its sink slot. Graph-safe: no branch on tensor values (torch.where keeps the old sink otherwise)."""
+    W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
+    slot = torch.remainder(pos, W)
+    cache.ring_k[li][ar, :, slot] = kr
+    cache.ring_v[li][ar, :, slot] = vr
+    is_sink = (pos < sinks)[:, None, None]
+    ss = pos.clamp(max=S - 1)
+    cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
+    cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
+
 class InferenceEngine:
     """model: a Qwen3Model (dense or RTPurbo-converted), in eval mode, on its device and dtype.
 
@@ -524,15 +537,7 @@ class InferenceEngine:
                 q1[:, p.local_full], K, V, p.full_index(p.local_full), empty, lens1, window=p.window,
                 sinks=p.sinks, block_size=p.block_size, impl=self.impl)
         if p.local_ring:
-            kr, vr = k[:, p.ring_kv, 0], v[:, p.ring_kv, 0]
-            W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
-            slot = torch.remainder(pos, W)
-            cache.ring_k[li][ar, :, slot] = kr
-            cache.ring_v[li][ar, :, slot] = vr
-            is_sink = (pos < p.sinks)[:, None, None]
-            ss = pos.clamp(max=S - 1)
-            cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
-            cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
+            _write_ring_and_sinks(cache, li, p.sinks, k[:, p.ring_kv, 0], v[:, p.ring_kv, 0], pos, ar)
             out[:, p.local_ring] = sd.local_decode(
                 q1[:, p.local_ring], cache.sink_k[li], cache.sink_v[li], cache.ring_k[li], cache.ring_v[li], lens1,
                 window=p.window, sinks=p.sinks, kv_head_of_l=p.ring_index(p.local_ring), impl=self.impl)
@@ -702,15 +707,7 @@ class InferenceEngine:
             cache.k[li][ar, :, pos] = _take(k1, 1, ix.full_kv)
             cache.v[li][ar, :, pos] = _take(v1, 1, ix.full_kv)
         if p.local_ring:
-            kr, vr = _take(k1, 1, ix.ring_kv), _take(v1, 1, ix.ring_kv)
-            W, S = cache.ring_k[li].shape[2], cache.sink_k[li].shape[2]
-            slot = torch.remainder(pos, W)
-            cache.ring_k[li][ar, :, slot] = kr
-            cache.ring_v[li][ar, :, slot] = vr
-            is_sink = (pos < p.sinks)[:, None, None]
-            ss = pos.clamp(max=S - 1)
-            cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
-            cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
+            _write_ring_and_sinks(cache, li, p.sinks, _take(k1, 1, ix.ring_kv), _take(v1, 1, ix.ring_kv), pos, ar)
         return self._attend_static(li, attn, q1, q_pre, k_pre, pos, lens1, Lv)
 
     def _attend_static(self, li, attn, q1, q_pre, k_pre, pos, lens1, Lv):
