@@ -454,7 +454,6 @@ def step_density(eng: InferenceEngine, tok: torch.Tensor) -> float | None:
 def time_decode(eng: InferenceEngine, tok: torch.Tensor, args, dev) -> dict:
     """Decode-step time at cache length T: CUDA-graph replays (CUDA) / static steps (CPU), plus the wall
     time of real decode_step() calls."""
-    timer = Timer(dev)
     T = eng.lens[0]
     eng.decode_step(tok)  # CUDA: captures the graph of this bucket, replays it once
     eng.lens = [T]
@@ -467,17 +466,7 @@ def time_decode(eng: InferenceEngine, tok: torch.Tensor, args, dev) -> dict:
         st.pos.fill_(T)
         Lv = eng.view_length(T + 1)
         run = lambda: eng._decode_core(Lv)  # noqa: E731
-    for _ in range(args.decode_warmup):
-        run()
-    sync(dev)
-    per = []
-    for _ in range(args.repeats):
-        a = timer.start()
-        for _ in range(args.decode_iters):
-            run()
-        b = timer.start()
-        per.append(timer.ms(a, b) / args.decode_iters)
-    step_ms = statistics.median(per)
+    step_ms, per = _time_runner_runs(run, args, dev)
     # wall time of real decode steps (advancing positions T, T+1, ...; host work included)
     n = args.wall_steps
     sync(dev)
@@ -498,8 +487,9 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "unsqueeze", "squeez
             "empty", "empty_like", "new_empty", "empty_strided"}
 
 
-def _time_runner(run, args, dev) -> float:
-    """Median over --repeats of the mean of --decode-iters calls (ms); --decode-warmup calls first."""
+def _time_runner_runs(run, args, dev) -> tuple[float, list[float]]:
+    """(median, runs): each run is the mean of --decode-iters calls (ms), --repeats runs after
+    --decode-warmup calls."""
     timer = Timer(dev)
     for _ in range(args.decode_warmup):
         run()
@@ -511,7 +501,11 @@ def _time_runner(run, args, dev) -> float:
             run()
         b = timer.start()
         per.append(timer.ms(a, b) / args.decode_iters)
-    return statistics.median(per)
+    return statistics.median(per), per
+
+
+def _time_runner(run, args, dev) -> float:
+    return _time_runner_runs(run, args, dev)[0]
 
 
 @torch.no_grad()
