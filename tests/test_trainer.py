@@ -97,3 +97,13 @@ def test_torchao_low_precision_optimizer_trains(tmp_path):
           "--optimizer.name", "AdamW8bit"])
     losses = _losses(tmp_path)
     assert len(losses) == 6 and all(l == l for l in losses) and losses[-1] < losses[0]
+
+
+def test_time_limit_stops_early_and_still_exports(tmp_path):
+    # a 1000-step job with a tiny time budget ends after its first step, then exports as at the last step
+    p = _run(["--training.steps", "1000", "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path),
+              "--training.time_limit_s", "0.001", "--checkpoint.export_hf", "true"])
+    losses = _losses(tmp_path)
+    assert 1 <= len(losses) < 1000
+    assert "time_limit_s=0.001 reached after step" in p.stdout + p.stderr
+    assert (tmp_path / "hf_export" / "config.json").exists()

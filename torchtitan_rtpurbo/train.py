@@ -303,6 +303,17 @@ class Trainer:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    def _time_limit_reached(self, t0: float) -> bool:
+        """True once training.time_limit_s has passed on rank 0 (all ranks agree, so they stop together)."""
+        limit = self.cfg.training.time_limit_s
+        if limit <= 0:
+            return False
+        up = torch.tensor([float(time.time() - t0 >= limit)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            up = up.to(self.device) if dist.get_backend() == "nccl" else up
+            dist.broadcast(up, src=0)
+        return bool(up.item())
+
     def train(self) -> list[float]:
         cfg = self.cfg
         data_iter = iter(self.dataloader)
@@ -310,6 +321,7 @@ class Trainer:
         self.model.train()
         logger.info(f"training {cfg.training.steps} steps from step {self.step}")
         self._log_validation("before")
+        t_train = time.time()
         while self.step < cfg.training.steps:
             batches = [self.cp_shard(self._to_device(next(data_iter)))
                        for _ in range(cfg.training.gradient_accumulation_steps)]
@@ -325,8 +337,13 @@ class Trainer:
                 tokens = out.pop("tokens")
                 self.metrics.log(self.step, {f"{cfg.job.mode}/{k}": v for k, v in out.items()} |
                                  {"train/label_tokens": float(tokens)}, tps=tps, flops_per_token=flops_per_token)
-            if self.checkpointer.should_save(self.step, self.step == cfg.training.steps):
+            out_of_time = self.step < cfg.training.steps and self._time_limit_reached(t_train)
+            if self.checkpointer.should_save(self.step, self.step == cfg.training.steps or out_of_time):
                 self.checkpointer.save(self.step, {"step": self.step})
+            if out_of_time:
+                logger.info(f"training.time_limit_s={cfg.training.time_limit_s:g} reached after step {self.step} of "
+                            f"{cfg.training.steps}; finishing here")
+                break
         self.checkpointer.wait()
         self._log_validation("after")
         if self.rank == 0:

@@ -59,6 +59,10 @@ class Training:
     local_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     steps: int = 100
+    # >0: stop after this many seconds of training even if `steps` are not done (checked after every step,
+    # agreed across ranks), then validate / save / export as at the last step. A safety net for fixed-length
+    # device sessions; the LR schedule still follows `steps`.
+    time_limit_s: float = 0.0
     max_norm: float = 1.0
     # >0: that many held-out batches (val documents + held-out synthetic tasks) are scored before and after
     # training (val/* metrics, and "validation" in loss_history_<mode>.json)
