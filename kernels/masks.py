@@ -26,6 +26,7 @@ block) is always classified partial, as create_block_mask does.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Callable
 
@@ -42,6 +43,7 @@ __all__ = [
     "block_mask_to_dense",
     "local_mask_dense",
     "local_attention",
+    "local_prefill_impl",
     "local_attention_reference",
     "causal_attention",
     "flex_attention_call",
@@ -556,8 +558,8 @@ def _needs_grad(*xs: Tensor) -> bool:
 # fwd_* / bwd_* prefixes apply to one direction, e.g. bwd_BLOCK_M1).
 # Measured 2026-11-25 on the H100 (docs/kernels.md, forward, 24 local heads): 441 / 425 / 437 TF/s at
 # 32K / 128K / 1M vs 384 / 388 / 321 with torch's choice (70.2 / 70.6 / 88.8% of cuDNN's dense TF/s).
-# Used for forward-only calls (prefill, evaluation); calls that need gradients keep torch's choice,
-# since backward was not swept.
+# Used for forward-only flex calls (prefill, evaluation, when local_attention does not take the chunked
+# SDPA path of LOCAL_PREFILL_IMPL); calls that need gradients keep torch's choice, since backward was not swept.
 LOCAL_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
                                      "IS_DIVISIBLE": True}
 # Query heads per flex_attention call in local_attention (rounded down to whole KV groups; None =
@@ -575,6 +577,62 @@ def default_local_kernel_options(on_cuda: bool, needs_grad: bool, block_size: in
     return dict(LOCAL_KERNEL_OPTIONS) if tile and block_size % tile == 0 else None
 
 
+# Forward-only window attention on CUDA (prefill, evaluation): "cudnn_chunked" runs the window band
+# as two batched square causal cuDNN SDPA calls + a sink term, merged by log-sum-exp
+# (kernels/window_sdpa.py); "flash_chunked" the same through the flash SDPA op; "flex" always runs
+# FlexAttention. The chunked paths need CUDA, bf16/fp16, no gradient, no doc_ids, and a backend
+# that passes its first-use probe; otherwise local_attention runs FlexAttention and logs why once.
+LOCAL_PREFILL_IMPL = "cudnn_chunked"
+LOCAL_PREFILL_IMPLS = ("flex", "cudnn_chunked", "flash_chunked")
+_CHUNKED_BACKENDS = {"cudnn_chunked": "cudnn", "flash_chunked": "flash"}
+_log = logging.getLogger(__name__)
+_LOCAL_FALLBACK_LOGGED: set[str] = set()
+
+
+def local_prefill_impl(q: Tensor, k: Tensor, v: Tensor, *, doc_ids: Tensor | None = None,
+                       impl: str | None = None) -> tuple[str, str | None]:
+    """(implementation local_attention runs, reason the requested chunked path is not taken or None).
+
+    impl None means LOCAL_PREFILL_IMPL. A chunked impl is taken only on CUDA tensors, without
+    gradients, without doc_ids, in bf16/fp16, when its SDPA backend passes the first-use probe
+    (kernels/window_sdpa.window_sdpa_unavailable_reason)."""
+    impl = LOCAL_PREFILL_IMPL if impl is None else impl
+    if impl not in LOCAL_PREFILL_IMPLS:
+        raise ValueError(f"impl must be one of {LOCAL_PREFILL_IMPLS}; got {impl!r}")
+    if impl == "flex":
+        return "flex", None
+    if not q.is_cuda:
+        return "flex", f"{impl}: tensors are on {q.device.type}, the chunked SDPA path is CUDA only"
+    if _needs_grad(q, k, v):
+        return "flex", f"{impl}: q/k/v require grad and the chunked SDPA path is forward-only"
+    if doc_ids is not None:
+        return "flex", f"{impl}: doc_ids given and the chunked SDPA path has no document masking"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return "flex", f"{impl}: dtype {q.dtype} (the chunked SDPA path runs bf16/fp16 only)"
+    from kernels import window_sdpa
+
+    reason = window_sdpa.window_sdpa_unavailable_reason(q, k, v, backend=_CHUNKED_BACKENDS[impl])
+    return (impl, None) if reason is None else ("flex", f"{impl}: {reason}")
+
+
+def _log_local_fallback(reason: str, on_cuda: bool) -> None:
+    """Once per reason. CPU is not a fallback (the chunked path is CUDA only): debug level there.
+    Nothing is logged while Dynamo traces (a log call would break the graph)."""
+    if reason in _LOCAL_FALLBACK_LOGGED or torch.compiler.is_compiling():
+        return
+    _LOCAL_FALLBACK_LOGGED.add(reason)
+    _log.log(logging.WARNING if on_cuda else logging.DEBUG, "local_attention runs FlexAttention: %s", reason)
+
+
+@torch.compiler.disable
+def _chunked_local_attention(q, k, v, *, window, sinks, scale, backend, heads_per_call):
+    """kernels/window_sdpa.window_attention_sdpa, run eagerly (a graph break under torch.compile)."""
+    from kernels.window_sdpa import window_attention_sdpa
+
+    return window_attention_sdpa(q, k, v, window=window, sinks=sinks, scale=scale, backend=backend,
+                                 heads_per_call=heads_per_call)
+
+
 def local_attention(
     q: Tensor,
     k: Tensor,
@@ -588,8 +646,16 @@ def local_attention(
     compiled: bool | None = None,
     kernel_options: dict | None = None,
     heads_per_call: int | None = None,
+    impl: str | None = None,
 ) -> Tensor:
-    """Window + sink attention for local heads via FlexAttention (compiled on CUDA, GQA).
+    """Window + sink attention for local heads (GQA).
+
+    impl (default LOCAL_PREFILL_IMPL): "cudnn_chunked" / "flash_chunked" run
+    kernels/window_sdpa.window_attention_sdpa when they can (CUDA, no gradient, no doc_ids,
+    bf16/fp16, backend probe passed); otherwise FlexAttention runs and the reason is logged once
+    (an explicit impl= that cannot run raises instead). heads_per_call is passed on (None: the
+    chunked path sizes its calls itself); block_size, compiled and kernel_options are flex-only.
+    FlexAttention (compiled on CUDA):
     kernel_options: FlexAttention kernel options (default LOCAL_KERNEL_OPTIONS when no gradient is
     needed, torch's choice otherwise); each distinct
     dict is one more Dynamo compile of flex_attention. "IS_DIVISIBLE": True is dropped when
@@ -597,6 +663,14 @@ def local_attention(
     flex call, whole KV groups (default LOCAL_HEADS_PER_CALL; None = one call)."""
     B, Hq, Hkv, T, _ = _check_qkv(q, k, v)
     _check_doc_ids(doc_ids, T, B)
+    chosen, reason = local_prefill_impl(q, k, v, doc_ids=doc_ids, impl=impl)
+    if reason is not None:
+        if impl is not None:
+            raise RuntimeError(f"local_attention(impl={impl!r}) cannot run: {reason}")
+        _log_local_fallback(reason, q.is_cuda)
+    if chosen != "flex":
+        return _chunked_local_attention(q, k, v, window=window, sinks=sinks, scale=scale,
+                                        backend=_CHUNKED_BACKENDS[chosen], heads_per_call=heads_per_call)
     bm = window_sink_block_mask(
         T, window, sinks, block_size=block_size, device=q.device, doc_ids=doc_ids,
         compute_q_blocks=_needs_grad(q, k, v),

@@ -7,9 +7,12 @@ attention at the density it selects):
               the first T and checked against each other, the faster one is the baseline).
               At T > --dense-full-max (default 128K) only one KV group (8 q heads, 1 kv head)
               is timed and the layer time is 4x that (per-head cost is what scales).
-  local       FlexAttention window 8192 + 4 sinks (kernels/masks.py), 24 heads (3 KV groups) with
-              every kernel_options candidate of LOCAL_KERNEL_OPTION_CANDIDATES (--local-configs),
-              TFLOP/s and % of cuDNN's TFLOP/s at the same T; 32 heads (4 groups) with the default.
+  local       window 8192 + 4 sinks, 24 heads (3 KV groups): FlexAttention (kernels/masks.py, impl
+              "flex") with every kernel_options candidate of LOCAL_KERNEL_OPTION_CANDIDATES, and the
+              chunked causal-SDPA path (kernels/window_sdpa.py) as candidates "cudnn_chunked" /
+              "flash_chunked" (LOCAL_CHUNKED_CANDIDATES) (--local-configs), TFLOP/s and % of cuDNN's
+              TFLOP/s at the same T; 32 heads (4 groups) with the flex default and with the fastest
+              24-head variant that passed its checks.
   select      indexer block mass + top-p selection for the 8 retrieval heads of one KV group,
               pooled mode: the parts (two-pass block mass / one-pass log-mass kernels alone, the
               bisection and "hist" selection kernels alone on the same input, their outputs
@@ -22,7 +25,10 @@ attention at the density it selects):
   density     block_sparse_attention over synthetic random selections of given densities.
   decode      scripts/bench_decode.run_decode_bench (also skipped by --no-decode).
   layers      (when dense, local and select ran) rtp_1of4 = local(24) + selection + sparse(8);
-              rtp_0of4 = local(32); rtp_weighted = 0.6 * rtp_1of4 + 0.4 * rtp_0of4.
+              rtp_0of4 = local(32); rtp_weighted = 0.6 * rtp_1of4 + 0.4 * rtp_0of4. Two variants:
+              "flex" (flex default kernel_options, pooled select with the default threshold) and
+              "best[local=NAME]" (the fastest local variant that passed its checks, NAME, and the
+              fastest select).
 Checks first (--no-checks skips them), each printed PASS/FAIL: selection (every Triton path,
 incl. small HistConfigs that force the multi-round / gather / restart paths) vs
 select_blocks_reference at T = --check-seq-lens (pooled, mean, documents, batch 2, T not a
@@ -71,6 +77,7 @@ from kernels.block_select import (  # noqa: E402
 )
 from kernels.masks import document_segments, local_attention, window_sink_block_mask, window_sink_block_ranges  # noqa: E402
 from kernels.sparse_prefill import block_sparse_attention, selection_block_mask  # noqa: E402
+from kernels.window_sdpa import window_attention_sdpa, window_sdpa_unavailable_reason  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
@@ -257,8 +264,11 @@ LOCAL_KERNEL_OPTION_CANDIDATES: dict[str, dict | None] = {
 # variants that call flex once per KV group (int32 indexing where the whole call would need int64);
 # timed only where the one-call tensors exceed 2^31 elements
 LOCAL_SPLIT_CANDIDATES: dict[str, str] = {"default_per_group": "default", "div_per_group": "div"}
+# the window band as batched square causal SDPA calls + LSE merge (kernels/window_sdpa.py): name -> backend
+LOCAL_CHUNKED_CANDIDATES: dict[str, str] = {"cudnn_chunked": "cudnn", "flash_chunked": "flash"}
 INT32_MAX = 2**31 - 1
-DEFAULT_LOCAL_CONFIGS = [n for n in LOCAL_KERNEL_OPTION_CANDIDATES if n != "div_tma"] + list(LOCAL_SPLIT_CANDIDATES)
+DEFAULT_LOCAL_CONFIGS = ([n for n in LOCAL_KERNEL_OPTION_CANDIDATES if n != "div_tma"] + list(LOCAL_SPLIT_CANDIDATES)
+                         + list(LOCAL_CHUNKED_CANDIDATES))
 
 
 def _hist_variants() -> dict:
@@ -281,12 +291,33 @@ LOGMASS_VARIANTS = {  # indexer_block_logmass_triton launch variants (default: b
 
 
 def local_config(name: str) -> tuple[dict | None, int | None]:
-    """(kernel_options, heads_per_call) of a sweep entry (heads_per_call None = one call)."""
+    """(kernel_options, heads_per_call) of a flex sweep entry (heads_per_call None = one call);
+    (None, None) for the chunked SDPA candidates."""
+    if name in LOCAL_CHUNKED_CANDIDATES:
+        return None, None
     if name in LOCAL_SPLIT_CANDIDATES:
         opts = LOCAL_KERNEL_OPTION_CANDIDATES[LOCAL_SPLIT_CANDIDATES[name]]
         return (dict(opts) if opts else None), 1  # rounded up to one KV group by local_attention
     opts = LOCAL_KERNEL_OPTION_CANDIDATES[name]
     return (dict(opts) if opts else None), None
+
+
+def local_fn(name: str, q, k, v, window: int, sinks: int):
+    """A no-argument callable running local candidate `name` on q/k/v (flex candidates pin
+    impl="flex", so kernels.masks.LOCAL_PREFILL_IMPL does not change what they time)."""
+    if name in LOCAL_CHUNKED_CANDIDATES:
+        backend = LOCAL_CHUNKED_CANDIDATES[name]
+        return lambda: window_attention_sdpa(q, k, v, window=window, sinks=sinks, backend=backend)
+    opts, split = local_config(name)
+    return lambda: local_attention(q, k, v, window=window, sinks=sinks, kernel_options=opts, heads_per_call=split,
+                                   impl="flex")
+
+
+def local_unavailable(name: str, q) -> str | None:
+    """Why a chunked candidate cannot run here (None: it can, or it is a flex candidate)."""
+    if name not in LOCAL_CHUNKED_CANDIDATES:
+        return None
+    return window_sdpa_unavailable_reason(q, backend=LOCAL_CHUNKED_CANDIDATES[name])
 
 
 class Budget:
@@ -500,15 +531,25 @@ def local_checks(args, dev, names: list[str]) -> tuple[list[dict], list[str]]:
     for name in names:
         opts, split = local_config(name)
         t0 = time.perf_counter()
+        why = local_unavailable(name, q)
+        if why is not None:
+            if dev.type == "cuda":  # expected to run there: a failed check, with the probe's reason
+                results.append({"check": f"local {name} T={T}", "pass": False, "UNAVAILABLE": why})
+                print(f"  [FAIL] local {name} T={T}: UNAVAILABLE: {why}", flush=True)
+            else:
+                print(f"  [SKIP] local {name}: not available on {dev.type} ({why})", flush=True)
+            continue
         try:
             with torch.no_grad():
-                out = local_attention(q, k, v, window=W, sinks=S, kernel_options=opts, heads_per_call=split)
+                out = local_fn(name, q, k, v, W, S)()
             _sync(dev)
             err = spot_check(out, q, k, v, local_allowed(T, W, S, dev), sorted({0, min(G, hq - 1), hq - 1}), rows)
             err_sdpa = float((out.float() - sdpa_ref.float()).norm() / sdpa_ref.float().norm()) if sdpa_ref is not None else 0.0
             ok = err <= SPOT_TOL and err_sdpa <= SPOT_TOL
             detail = {"rel_err_fp32_rows": f"{err:.2e}", "rel_err_vs_sdpa": f"{err_sdpa:.2e}" if sdpa_ref is not None else "n/a",
                       "compile_s": round(time.perf_counter() - t0, 1), "kernel_options": opts, "heads_per_call": split}
+            if name in LOCAL_CHUNKED_CANDIDATES:
+                detail["backend"] = LOCAL_CHUNKED_CANDIDATES[name]
         except Exception as exc:
             ok = False
             detail = {"INVALID": _err_str(exc), "kernel_options": opts}
@@ -642,11 +683,17 @@ def run_prefill(args, dev, parts: set[str], local_names: list[str], budget: Budg
                     opts, split = local_config(name)
                     if split is not None and not one_call_big:
                         continue
-                    if name != "default" and not budget.left():
+                    if name != "default" and name not in LOCAL_CHUNKED_CANDIDATES and not budget.left():
                         skip(f"local {name} T={T}")
                         continue
-                    fn = lambda: local_attention(q, k, v, window=W, sinks=S, kernel_options=opts, heads_per_call=split)  # noqa: E731
+                    why = local_unavailable(name, q)
+                    if why is not None and dev.type != "cuda":
+                        print(f"  (local {name}: not available on {dev.type}: {why})", flush=True)
+                        continue
                     try:
+                        if why is not None:
+                            raise RuntimeError(f"unavailable: {why}")
+                        fn = local_fn(name, q, k, v, W, S)
                         with torch.no_grad():
                             r = add(f"local {name} ({hq}h)", T, time_ms(fn, dev, **timing), pairs, kernel_options=opts,
                                     heads_per_call=split, local_config=name)
@@ -661,10 +708,14 @@ def run_prefill(args, dev, parts: set[str], local_names: list[str], budget: Budg
                         fail(f"local {name} T={T}", exc)
                 if "default" in sweep:
                     layer["local24"] = sweep["default"]["ms"]
+                best = None
                 if sweep:
                     best = min(sweep, key=lambda n: sweep[n]["ms"])
                     layer["local24_best"] = sweep[best]["ms"]
                     layer["local_best_name"] = best
+                    notes.setdefault("local_choice", {})[T] = best
+                    print(f"  fastest local variant that passed its checks at T={T}: {best} "
+                          f"({sweep[best]['ms']:.3f} ms)", flush=True)
                     notes.setdefault("local_sweep", {})[T] = {
                         n: {"ms": r["ms"], "tflops": r["tflops_useful"], "pct_cudnn": r.get("pct_of_cudnn_tflops")}
                         for n, r in sweep.items()}
@@ -676,12 +727,24 @@ def run_prefill(args, dev, parts: set[str], local_names: list[str], budget: Budg
                 q = torch.randn(1, HQ, T, D, device=dev, dtype=dt, generator=g)
                 k = torch.randn(1, HKV, T, D, device=dev, dtype=dt, generator=g)
                 v = torch.randn(1, HKV, T, D, device=dev, dtype=dt, generator=g)
-                fn = lambda: local_attention(q, k, v, window=W, sinks=S)  # noqa: E731
+                fn = lambda: local_attention(q, k, v, window=W, sinks=S, impl="flex")  # noqa: E731
                 with torch.no_grad():
                     r = add(f"local default ({HQ}h)", T, time_ms(fn, dev, **timing), local_pairs(T, W, S) * HQ)
                     r["spot_rel_err"] = spot_check(fn(), q, k, v, local_allowed(T, W, S, dev), [0, HQ - 1], spot_rows)
                 report_spot(r)
                 layer["local32"] = r["ms"]
+                if best is not None and best != "default":
+                    try:
+                        fn = local_fn(best, q, k, v, W, S)
+                        with torch.no_grad():
+                            r = add(f"local {best} ({HQ}h)", T, time_ms(fn, dev, **timing), local_pairs(T, W, S) * HQ,
+                                    local_config=best)
+                            r["spot_rel_err"] = spot_check(fn(), q, k, v, local_allowed(T, W, S, dev), [0, HQ - 1], spot_rows)
+                        report_spot(r)
+                        if r["spot_rel_err"] <= SPOT_TOL:
+                            layer["local32_best"] = r["ms"]
+                    except Exception as exc:
+                        fail(f"local {best} 32h T={T}", exc)
                 del q, k, v
             except Exception as exc:
                 fail(f"local T={T}", exc)
@@ -902,11 +965,16 @@ def bench_selection(args, dev, T, qi, ki, add, notes, budget, skip, fail):
 def add_layer_rows(rows, T, layer, sweep_d, args, HQ, HKV):
     dense = layer["dense"]
     local_best = layer.get("local24_best", layer["local24"])
+    best_name = layer.get("local_best_name", "default")
     select_best = min(v for k_, v in layer.items() if k_.startswith("select:"))
+    # 32 local heads with the best variant: timed when it passed at 32 heads, else scaled from 24 heads
+    best32 = layer.get("local32_best") if best_name != "default" else layer["local32"]
+    best_tag = f"best[local={best_name}]" + ("" if best32 is not None else "[32h scaled]")
+    if best32 is None:
+        best32 = layer["local32"] * local_best / layer["local24"]
     variants = [
-        ("default", layer["local24"], layer["select"], layer["local32"]),
-        (f"best (local {layer.get('local_best_name')}, fastest select; 32h scaled)", local_best, select_best,
-         layer["local32"] * local_best / layer["local24"]),
+        ("flex", layer["local24"], layer["select"], layer["local32"]),
+        (best_tag, local_best, select_best, best32),
     ]
     for tag, loc24, sel_ms, loc32 in variants:
         one = loc24 + sel_ms + layer["sparse"]
@@ -919,9 +987,10 @@ def add_layer_rows(rows, T, layer, sweep_d, args, HQ, HKV):
             (f"LAYER rtp_weighted {tag}", weighted, {"density": layer["density"]}),
             (f"LAYER paper route weighted {tag}", LAYER_MIX_1OF4 * paper_route + (1 - LAYER_MIX_1OF4) * loc32, {}),
         ):
-            if name == "LAYER dense cuDNN" and tag != "default":
+            if name == "LAYER dense cuDNN" and tag != "flex":
                 continue
-            rows.append({"name": name, "T": T, "ms": ms, "speedup_vs_dense": dense / ms, "method": "sum of parts", **extra})
+            rows.append({"name": name, "T": T, "ms": ms, "speedup_vs_dense": dense / ms, "method": "sum of parts",
+                         "local_variant": best_name if tag != "flex" else "default", **extra})
             print(f"  {name:<72} {ms:10.3f} ms  x{dense / ms:6.2f}", flush=True)
         for d, sp in sweep_d.items():
             one_d = loc24 + sel_ms + sp
@@ -961,6 +1030,8 @@ def print_summary(checks: list[dict], notes: dict) -> None:
             print(f"  T={gl['T']:>8} local default {dp if dp is None else round(dp, 1)}% of cuDNN TF/s; best "
                   f"{gl['best']}: {gl['best_pct'] if gl['best_pct'] is None else round(gl['best_pct'], 1)}%  "
                   f"{'MET' if (gl['best_pct'] or 0) >= 70 else 'not met'} (>= 70%)")
+    for T_, name in notes.get("local_choice", {}).items():
+        print(f"  T={T_:>8} LAYER rows 'best[...]' use local variant {name} (fastest that passed its checks)")
     if notes.get("skipped"):
         print(f"  skipped for the budget: {notes['skipped']}")
     if notes.get("errors"):
@@ -997,7 +1068,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mean-max", type=int, default=131072, help="largest T for the (expensive) mean-mode selection")
     ap.add_argument("--select-thresholds", nargs="+", default=["triton", "triton_hist", "sort", "bisect"])
     ap.add_argument("--local-configs", nargs="+", default=DEFAULT_LOCAL_CONFIGS,
-                    help="local kernel_options candidates to check and time (names in LOCAL_KERNEL_OPTION_CANDIDATES / LOCAL_SPLIT_CANDIDATES)")
+                    help="local candidates to check and time (names in LOCAL_KERNEL_OPTION_CANDIDATES / LOCAL_SPLIT_CANDIDATES "
+                         "/ LOCAL_CHUNKED_CANDIDATES)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks before timing")
     ap.add_argument("--check-seq-lens", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--check-local-t", type=int, default=16384)
@@ -1010,7 +1082,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_attention.json")
     args = ap.parse_args(argv)
     parts = _parse_only(args.only)
-    unknown = [n for n in args.local_configs if n not in LOCAL_KERNEL_OPTION_CANDIDATES and n not in LOCAL_SPLIT_CANDIDATES]
+    unknown = [n for n in args.local_configs
+               if n not in LOCAL_KERNEL_OPTION_CANDIDATES and n not in LOCAL_SPLIT_CANDIDATES and n not in LOCAL_CHUNKED_CANDIDATES]
     if unknown:
         raise SystemExit(f"--local-configs: unknown {unknown}")
     if "default" not in args.local_configs:
