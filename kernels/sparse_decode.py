@@ -13,7 +13,8 @@ and attend to {t < min(sinks, L)} U {max(sinks, L - window) <= t < L}.
 
 Retrieval heads read the full cache of their KV head and their own low-rank indexer keys:
   qi          [B, Hr, r]          indexer query, score s(n) = qi . ki[n] (no scale)
-  ki_cache    [B, Hr, L, r]
+  ki_cache    [B, Hr, L, r]       any float dtype, float8_e4m3fn included: the scoring kernel and
+                                  the reference dequantise by a plain cast to float32 (no scale)
 Dynamic top-p over key blocks of `block_size` tokens, the PREFILL rule of kernels/block_select.py
 applied to the one query at position L - 1: the block mass is the indexer softmax (over n < L)
 summed over the block;
@@ -34,7 +35,10 @@ Kept density (decode_block_density): chosen free blocks / free blocks, the prefi
 
 Every fast function has a `*_reference` twin with the same signature. The fast versions run the
 Triton kernels of kernels/triton_decode.py; when Triton cannot run on the given tensors they log a
-warning that says why and run the reference (impl="auto"), or raise (impl="triton").
+warning that says why and run the reference (impl="auto"), or raise (impl="triton"). Retrieval
+attention has two kernels with the same result (`config.retrieval_union`, default
+triton_decode.RETRIEVAL_UNION_DEFAULT): one program per query head over its kept blocks, or one
+per KV group over the union of its heads' kept blocks, each block read once for the group.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ def validate_select(qi, ki_cache, cache_lens, top_p, block_size, window, sinks):
         _fail(f"ki_cache must be [B={B}, Hr={Hr}, L, r={r}], got {tuple(ki_cache.shape)}")
     if ki_cache.device != qi.device:
         _fail(f"ki_cache is on {ki_cache.device} but qi is on {qi.device}")
+    if not ki_cache.dtype.is_floating_point:
+        _fail(f"ki_cache must be a float tensor (float8_e4m3fn allowed), got {ki_cache.dtype}")
     _check_lens(cache_lens, B, qi.device)
 
 

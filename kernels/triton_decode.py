@@ -24,6 +24,16 @@ main stream; local and its merge on a side stream)
       (max, sum, acc) are merged by _combine_kernel (or, fused_reduction, by the last program).
   _local_attn_kernel  grid (splits, B*Hkv_local): all query heads of one KV head at once (tl.dot,
       the KV tile is read once per group), sinks + ring buffer split over programs, same merge.
+  GQA-union retrieval (TritonDecodeConfig.retrieval_union; default RETRIEVAL_UNION_DEFAULT),
+  instead of _retrieval_attn_kernel:
+  _union_kernel  grid (B*NG,), NG = retrieval KV heads: the group's visit list = valid blocks that
+      a head of the group selected (mask rows) or that hold a sink / window token, ascending,
+      padded to nB entries + a count (static shapes, no host sync).
+  _retrieval_union_kernel  grid (splits, B*NG): the visit list split evenly; each block's K/V is
+      loaded once, one tl.dot (heads padded to 16) x (D x block) gives every head's scores, a head
+      that did not select the block keeps only its sink / window tokens (-inf elsewhere), fp32
+      online softmax per head; partials merged by _combine_kernel (or the last program).
+  The indexer keys (ki_cache) may be float8_e4m3fn: the scoring kernel upcasts them to fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +48,12 @@ import triton
 import triton.language as tl
 
 _F32_INF_BITS = 0x7F800000  # bit pattern of +inf: above every finite non-negative float32
+
+# Retrieval attention kernel used by default: False = one query head per program
+# (_retrieval_attn_kernel), True = one program per (split, retrieval KV head) over the union of the
+# group's kept blocks (_retrieval_union_kernel). Not yet measured on the GPU (docs/kernels.md):
+# flip this one line once it is.
+RETRIEVAL_UNION_DEFAULT = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,12 @@ class TritonDecodeConfig:
     local_tile: int = 64  # ring tokens per tile of the local kernel
     max_splits: int = 64
     num_warps: int = 4
+    # GQA-union retrieval (retrieval_decode_triton): each K/V block read once per KV group
+    retrieval_union: bool = RETRIEVAL_UNION_DEFAULT
+    union_num_splits: Optional[int] = None  # split-K programs per (batch, retrieval KV head)
+    union_max_splits: int = 128  # few groups (1 at B=1 with one retrieval KV head): more splits
+    union_tile: int = 4096  # blocks per tile of the union-list build (one program per group)
+    union_num_warps: int = 4  # warps of the union attention kernel
 
 
 DEFAULT_CONFIG = TritonDecodeConfig()
@@ -564,6 +586,126 @@ def _combine_kernel(pm_ptr, pl_ptr, pacc_ptr, heads_ptr, out_ptr, s_ob, s_oh, HK
                      out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
 
 
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _union_kernel(mask_ptr, lens_ptr, hr_ptr, idx_ptr, cnt_ptr, H, NG, n_blocks, window, sinks,
+                  BS: tl.constexpr, GP: tl.constexpr, TILE: tl.constexpr):
+    """Visit list of one (batch, retrieval KV head): the valid blocks that a head of the group
+    selected (mask row) or that hold a sink / window token, ascending, and its count. Padding
+    heads (-1) are masked loads: no memory traffic."""
+    bg = tl.program_id(0)
+    b = bg // NG
+    grp = bg % NG
+    L = tl.load(lens_ptr + b).to(tl.int32)
+    nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
+    offs = tl.arange(0, TILE)
+    idx_row = idx_ptr + bg.to(tl.int64) * n_blocks
+    cnt = tl.zeros([], tl.int32)
+    for b0 in range(0, nb, TILE):
+        blk = b0 + offs
+        in_range = blk < nb
+        keep = _is_forced(blk, nb, sb_end, wb_lo)
+        for gi in tl.static_range(GP):
+            hr = tl.load(hr_ptr + grp * GP + gi)
+            # (vector form of the head test: the interpreter mistypes scalar & vector)
+            lm = in_range & (blk * 0 + hr >= 0)
+            row = mask_ptr + (b * H + tl.maximum(hr, 0)).to(tl.int64) * n_blocks
+            keep = keep | (tl.load(row + blk, mask=lm, other=0, cache_modifier=".cg") != 0)
+        cnt = _append_kept(idx_row, blk, keep & in_range, cnt)
+    tl.store(cnt_ptr + bg, cnt)
+
+
+@triton.jit
+def _online_update_rows(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr):
+    """One KV tile for a group of query heads, each with its own kept keys: q [GP, D],
+    k/v [N, D], keep [GP, N]."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keep, s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, lsum, acc
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _retrieval_union_kernel(q_ptr, k_ptr, v_ptr, kvg_ptr, hr_ptr, qh_ptr, lens_ptr, mask_ptr,
+                            idx_ptr, cnt_ptr, pm_ptr, pl_ptr, pacc_ptr, counter_ptr, out_ptr,
+                            s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, H, NG,
+                            n_blocks, D, scale, window, sinks, BS: tl.constexpr,
+                            BN: tl.constexpr, GP: tl.constexpr, D_PAD: tl.constexpr,
+                            NS: tl.constexpr, NS_PAD: tl.constexpr, FUSED: tl.constexpr,
+                            IEEE: tl.constexpr):
+    """Split-K retrieval attention of all query heads of one retrieval KV head: each block of the
+    group's union visit list is read once; one tl.dot gives every head's scores; a head keeps the
+    block's tokens t < L if its mask row selected the block, else only its sink / window tokens
+    (the per-head kernel's token rule). BN = BS rounded up to a power of 2 >= 16 token rows."""
+    split = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // NG
+    grp = bg % NG
+    L = tl.load(lens_ptr + b).to(tl.int32)
+    kvh = tl.load(kvg_ptr + grp)
+    g = tl.arange(0, GP)
+    hr = tl.load(hr_ptr + grp * GP + g)  # mask row of each head, -1 for padding rows
+    qh = tl.load(qh_ptr + grp * GP + g)  # its row in q / out
+    hm = hr >= 0
+    cnt = tl.load(cnt_ptr + bg)
+    per = (cnt + NS - 1) // NS
+    i0 = split * per
+    i1 = tl.minimum(i0 + per, cnt)
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    q = tl.load(q_ptr + b * s_qb + qh[:, None] * s_qh + d[None, :],
+                mask=hm[:, None] & dm[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+    mrow = mask_ptr + (b * H + tl.maximum(hr, 0)).to(tl.int64) * n_blocks
+    kbase = k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    vbase = v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh
+    win_lo = L - window
+    j = tl.arange(0, BN)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    lsum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D_PAD], tl.float32)
+    for i in range(i0, i1):
+        blk = tl.load(idx_ptr + bg.to(tl.int64) * n_blocks + i)
+        sel = tl.load(mrow + blk, mask=hm, other=0) != 0  # [GP]
+        t = blk * BS + j
+        valid = (j < BS) & (t < L)
+        forced_tok = (t < sinks) | (t >= win_lo)
+        keep = hm[:, None] & valid[None, :] & (sel[:, None] | forced_tok[None, :])
+        lm = valid[:, None] & dm[None, :]
+        k = tl.load(kbase + t[:, None].to(tl.int64) * s_kl + d[None, :], mask=lm, other=0.0)
+        v = tl.load(vbase + t[:, None].to(tl.int64) * s_vl + d[None, :], mask=lm, other=0.0)
+        m, lsum, acc = _online_update_rows(q, k, v, keep, m, lsum, acc, scale, IEEE)
+    if NS == 1:
+        o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
+        tl.store(out_ptr + b * s_ob + qh[:, None] * s_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+    else:
+        rows = (bg * GP + g) * NS + split  # padding rows are never merged: not stored
+        tl.store(pm_ptr + rows, m, mask=hm)
+        tl.store(pl_ptr + rows, lsum, mask=hm)
+        tl.store(pacc_ptr + rows[:, None] * D_PAD + d[None, :], acc, mask=hm[:, None])
+        if FUSED:
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + bg, 1, sem="acq_rel", scope="gpu")
+            if done == NS - 1:
+                for gi in range(GP):
+                    head = tl.load(qh_ptr + grp * GP + gi)
+                    if head >= 0:
+                        row0 = (bg * GP + gi) * NS
+                        _combine_row(pm_ptr + row0, pl_ptr + row0, pacc_ptr + row0 * D_PAD,
+                                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+
+
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
@@ -693,12 +835,16 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
     dev = q_r.device
     nb = -(-L // block_size)
     rows = B * Hr
-    if out is None:
-        out = torch.empty((B, Hr, D), dtype=q_r.dtype, device=dev)
+    if out is None:  # rows q_heads[h] of out are written: as many rows as q_r (Hr by default)
+        out = torch.empty((B, q_r.shape[1], D), dtype=q_r.dtype, device=dev)
     if rows == 0:
         return out
     lens = _lens_i32(cache_lens)
     mask_u8 = block_mask.view(torch.uint8)
+    if cfg.retrieval_union:  # the union kernel builds its own visit lists from the mask
+        return _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, out,
+                                       window=window, sinks=sinks, block_size=block_size,
+                                       scale=scale, cfg=cfg, q_heads=q_heads, counters=counters)
     if kept is None:
         kept_idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
         kept_cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
@@ -732,6 +878,97 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
     return out
 
 
+def retrieval_groups(kv_head_of_r: Sequence[int], q_heads: Optional[Sequence[int]] = None):
+    """Retrieval heads grouped by KV head, for the union kernel: (kv heads [NG] ascending,
+    mask-row table [NG * GP], q-row table [NG * GP], GP). Group g's heads (ascending retrieval
+    index, any order in q) fill rows g * GP ...; -1 pads every group to GP = max group size
+    rounded up to a power of 2 >= 16 (tl.dot's minimum)."""
+    Hr = len(kv_head_of_r)
+    q_heads = list(range(Hr)) if q_heads is None else [int(h) for h in q_heads]
+    kvs = sorted(set(int(k) for k in kv_head_of_r))
+    groups = [[h for h in range(Hr) if kv_head_of_r[h] == kv] for kv in kvs]
+    gp = _pow2(max((len(g) for g in groups), default=1), 16)
+    hr_table = [h for grp in groups for h in grp + [-1] * (gp - len(grp))]
+    qh_table = [q_heads[h] if h >= 0 else -1 for h in hr_table]
+    return kvs, hr_table, qh_table, gp
+
+
+def _union_lists(mask_u8, lens, hr_table, NG, gp, *, window, sinks, block_size,
+                 cfg: TritonDecodeConfig):
+    B, Hr, nb = mask_u8.shape
+    dev = mask_u8.device
+    rows = B * NG
+    idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
+    cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+    if rows == 0 or nb == 0:
+        return idx, cnt.zero_()
+    tile = min(cfg.union_tile, _pow2(nb))
+    _union_kernel[(rows,)](mask_u8, lens, _index_tensor(hr_table, dev), idx, cnt, Hr, NG, nb,
+                           window, sinks, BS=block_size, GP=gp, TILE=tile,
+                           num_warps=max(4, min(16, tile // 256)))
+    return idx, cnt
+
+
+def union_visit_lists(block_mask, cache_lens, kv_head_of_r, *, window, sinks, block_size,
+                      config: Optional[TritonDecodeConfig] = None):
+    """(idx [B*NG, nB] int32, count [B*NG] int32): per (batch, retrieval KV head in ascending
+    order), the blocks the union kernel visits (first count entries, ascending): valid blocks that
+    a head of the group selected or that hold a sink / window token. For tests and benchmarks."""
+    kvs, hr_table, _, gp = retrieval_groups(kv_head_of_r)
+    return _union_lists(block_mask.view(torch.uint8), _lens_i32(cache_lens), hr_table, len(kvs),
+                        gp, window=window, sinks=sinks, block_size=block_size,
+                        cfg=config or DEFAULT_CONFIG)
+
+
+def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, out, *, window,
+                            sinks, block_size, scale, cfg: TritonDecodeConfig, q_heads,
+                            counters):
+    """Retrieval decode through the GQA-union kernel: _union_kernel builds each group's visit
+    list, _retrieval_union_kernel reads every listed K/V block once for all the group's heads,
+    _combine_kernel (or the last program, fused_reduction) merges the splits."""
+    B, Hr, nb = mask_u8.shape
+    D = q_r.shape[2]
+    dev = q_r.device
+    kvs, hr_table, qh_table, gp = retrieval_groups(kv_head_of_r, q_heads)
+    NG = len(kvs)
+    rows = B * NG
+    idx, cnt = _union_lists(mask_u8, lens, hr_table, NG, gp, window=window, sinks=sinks,
+                            block_size=block_size, cfg=cfg)
+    if _interpreting() and k_cache.dtype == torch.bfloat16:
+        # Triton's CPU interpreter (3.9) returns garbage for bf16 tl.dot; fp32 is exact there
+        q_r, k_cache, v_cache = q_r.float(), k_cache.float(), v_cache.float()
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    if q_r.stride(2) != 1:
+        q_r = q_r.contiguous()
+    if cfg.union_num_splits is not None:
+        ns = cfg.union_num_splits
+    else:  # ~4 programs per SM in total
+        ns = -(-4 * _num_sms(dev) // rows)
+    ns = int(max(1, min(ns, cfg.union_max_splits, max(nb, 1))))
+    d_pad = _pow2(D, 16)
+    pm = torch.empty((rows * gp * ns,), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((rows * gp * ns, d_pad), dtype=torch.float32, device=dev)
+    fused = cfg.fused_reduction and ns > 1
+    if fused and counters is None:
+        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    qh = _index_tensor(qh_table, dev)
+    _retrieval_union_kernel[(ns, rows)](
+        q_r, k_cache, v_cache, _index_tensor(kvs, dev), _index_tensor(hr_table, dev), qh, lens,
+        mask_u8, idx, cnt, pm, pl, pacc, counters if fused else lens, out, q_r.stride(0),
+        q_r.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), Hr, NG, nb, D,
+        1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, BS=block_size,
+        BN=_pow2(block_size, 16), GP=gp, D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused,
+        IEEE=k_cache.dtype == torch.float32, num_warps=cfg.union_num_warps)
+    if ns > 1 and not fused:
+        _combine_kernel[(rows * gp,)](pm, pl, pacc, qh, out, out.stride(0), out.stride(1), NG, D,
+                                      GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,
+                                      num_warps=cfg.num_warps)
+    return out
+
+
 def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, window, sinks,
                         scale=None, kv_head_of_l: Sequence[int],
                         config: Optional[TritonDecodeConfig] = None,
@@ -744,8 +981,8 @@ def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, wind
     Hl = len(kv_head_of_l)
     HKV, W = ring_k.shape[1], ring_k.shape[2]
     dev = q_l.device
-    if out is None:
-        out = torch.empty((B, Hl, D), dtype=q_l.dtype, device=dev)
+    if out is None:  # rows q_heads[j] of out are written: as many rows as q_l (Hl by default)
+        out = torch.empty((B, q_l.shape[1], D), dtype=q_l.dtype, device=dev)
     if B * Hl == 0:
         return out
     q_heads = list(range(Hl)) if q_heads is None else list(q_heads)

@@ -10,6 +10,13 @@ Layers timed at each cache length L:
              indexer keys built so that a `density` fraction of the blocks holds ~97% of the mass
   rtp_0of4   all 32 heads local
 and the RTPurbo parts alone (selection variants, retrieval attention, local attention).
+Retrieval attention runs in one of two kernels (TritonDecodeConfig.retrieval_union): per query head
+(each of a group's 8 heads reads its own kept blocks) or GQA-union (each block of the union of the
+group's kept blocks is read once for all 8 heads); both are timed in the same run, whichever is
+the default, with their own byte counts. --head-overlap x makes a fraction x of each head's hot
+blocks common to its KV group (default 0: independent heads, the union is largest).
+--indexer-fp8 also runs the selection on float8_e4m3fn indexer keys: selection differences vs the
+bf16 keys, the kept (bf16-key) mass, and the scoring / selection times.
 
 Before timing, each RTPurbo configuration is checked against the pure-torch references (fp32 on
 upcast inputs) and rerun to check that the kernels are deterministic (a race would show).
@@ -19,6 +26,8 @@ GB/s counts the bytes each variant must read (caches, indexer keys, kept blocks 
 against a device-to-device copy rate of ~3.0 TB/s on the H100 (see shared/anchors.md).
 
   python scripts/bench_decode.py --seq-lens 32768 131072 1048576 --out decode.json
+  python scripts/bench_decode.py --densities 0.05 --modes graph --layers 1of4 \
+      --layer-configs default union --parts retrieval --head-overlap 0 0.8 --out union.json
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ HQ, HKV, D = 32, 4, 128
 WINDOW, SINKS, BLOCK, R = 8192, 4, 64, 16
 TOP_P = 0.9
 COPY_TBPS = 3.0  # measured device-to-device copy rate on the lent H100 (anchors.md)
+PARTS = ("score", "select", "retrieval", "local")  # part timings (--parts)
 
 
 def _dtype(x) -> torch.dtype:
@@ -56,8 +66,14 @@ def _dtype(x) -> torch.dtype:
 # ------------------------------------------------------------------------------ inputs
 
 
-def make_layer(L: int, n_retrieval_groups: int, density: float, dtype, device, seed=0) -> dict:
-    """Keyword arguments of rtpurbo_decode for one layer at cache length L."""
+def make_layer(L: int, n_retrieval_groups: int, density: float, dtype, device, seed=0,
+               head_overlap: float = 0.0) -> dict:
+    """Keyword arguments of rtpurbo_decode for one layer at cache length L. head_overlap in
+    [0, 1]: that fraction of each head's hot blocks is drawn once per KV group and shared by the
+    group's heads, the rest per head among the other blocks (0: every head independent, the draws
+    of the original builder)."""
+    if not 0.0 <= head_overlap <= 1.0:
+        raise ValueError(f"head_overlap must be in [0, 1], got {head_overlap}")
     g = torch.Generator(device=device).manual_seed(seed)
     G = HQ // HKV
     roles = [h // G < n_retrieval_groups for h in range(HQ)]
@@ -85,13 +101,24 @@ def make_layer(L: int, n_retrieval_groups: int, density: float, dtype, device, s
         unit = qi / qi.norm(dim=-1, keepdim=True)
         noise = torch.randn(1, n_r, L, R, device=device, generator=g) * (0.3 / math.sqrt(R))
         hot = torch.zeros(1, n_r, nb, device=device)
-        for h in range(n_r):
-            hot[0, h, torch.randperm(nb, device=device, generator=g)[:n_hot]] = 1.0
+        kv_of_r = [h // G for h in range(HQ) if roles[h]]
+        if head_overlap == 0.0:
+            for h in range(n_r):
+                hot[0, h, torch.randperm(nb, device=device, generator=g)[:n_hot]] = 1.0
+        else:
+            n_sh = round(head_overlap * n_hot)
+            for grp in sorted(set(kv_of_r)):
+                perm = torch.randperm(nb, device=device, generator=g)
+                rest = perm[n_sh:]
+                for h in (h for h in range(n_r) if kv_of_r[h] == grp):
+                    hot[0, h, perm[:n_sh]] = 1.0
+                    pick = torch.randperm(rest.numel(), device=device, generator=g)[:n_hot - n_sh]
+                    hot[0, h, rest[pick]] = 1.0
         hot_tok = hot.repeat_interleave(BLOCK, dim=-1)[..., :L]
         ki = noise + (delta * hot_tok)[..., None] * unit[:, :, None, :] / qi.norm(
             dim=-1, keepdim=True)[:, :, None, :]
-        args.update(k_cache=k, v_cache=v, kv_head_of_r=[h // G for h in range(HQ) if roles[h]],
-                    qi=qi.to(dtype), ki_cache=ki.to(dtype))
+        args.update(k_cache=k, v_cache=v, kv_head_of_r=kv_of_r, qi=qi.to(dtype),
+                    ki_cache=ki.to(dtype))
     return args
 
 
@@ -102,18 +129,43 @@ def bytes_dense(L: int, esize: int) -> int:
     return 2 * HKV * L * D * esize
 
 
+def union_kept_tokens(block_mask, cache_lens, kv_head_of_r) -> tuple[int, int]:
+    """(tokens, blocks) the GQA-union retrieval kernel reads, summed over batch and retrieval KV
+    heads: valid tokens of the blocks that a head of the group selected or that hold a sink /
+    window token (its visit list, see triton_decode.union_visit_lists)."""
+    B, _, nb = block_mask.shape
+    forced, valid = sd.decode_forced_blocks(cache_lens, nb, block_size=BLOCK, window=WINDOW,
+                                            sinks=SINKS)
+    start = torch.arange(nb, device=block_mask.device) * BLOCK
+    n_tok = (cache_lens.to(torch.long)[:, None] - start[None, :]).clamp(0, BLOCK)  # [B, nb]
+    tokens = blocks = 0
+    for kv in sorted(set(kv_head_of_r)):
+        heads = [h for h in range(len(kv_head_of_r)) if kv_head_of_r[h] == kv]
+        union = (block_mask[:, heads].any(1) | forced) & valid
+        tokens += int((n_tok * union).sum())
+        blocks += int(union.sum())
+    return tokens, blocks
+
+
 def bytes_rtpurbo(args, block_mask, esize: int) -> dict:
     """Bytes the RTPurbo step must read: indexer keys, kept tokens per retrieval head, local;
     plus the retrieval heads' kept density (chosen / free blocks), selected block fraction
-    (sel_frac) and kept token fraction (kept_frac, tokens of the selected blocks / L)."""
+    (sel_frac) and kept token fraction (kept_frac, tokens of the selected blocks / L).
+    GQA-union kernel: retrieval_union (tokens of the union of each group's kept blocks, read
+    once), total_union; per_head_blocks / union_blocks count the block reads of each kernel."""
     L = int(args["cache_lens"][0])
-    out = dict(indexer=0, retrieval=0, local=0, kept_frac=None, density=None, sel_frac=None)
+    out = dict(indexer=0, retrieval=0, retrieval_union=0, local=0, kept_frac=None, density=None,
+               sel_frac=None, per_head_blocks=0, union_blocks=0)
     if block_mask is not None:
         n_r = block_mask.shape[1]
         kept = sd.kept_tokens_per_head(block_mask, args["cache_lens"], window=WINDOW,
                                        sinks=SINKS, block_size=BLOCK)
         out["indexer"] = n_r * L * R * args["ki_cache"].element_size()
         out["retrieval"] = int(kept.sum()) * 2 * D * esize
+        u_tok, u_blk = union_kept_tokens(block_mask, args["cache_lens"], args["kv_head_of_r"])
+        out["retrieval_union"] = u_tok * 2 * D * esize
+        out["union_blocks"] = u_blk
+        out["per_head_blocks"] = int(block_mask.sum())
         out["kept_frac"] = float(kept.float().mean()) / L
         # density: chosen free blocks / free blocks (beyond the forced sink + window blocks), the
         # prefill definition; sel_frac: every selected block (forced included) / valid blocks
@@ -126,6 +178,7 @@ def bytes_rtpurbo(args, block_mask, esize: int) -> dict:
         n_tok = min(L, SINKS) + max(0, L - max(L - WINDOW, min(L, SINKS)))
         out["local"] = args["ring_k"].shape[1] * n_tok * 2 * D * esize
     out["total"] = out["indexer"] + out["retrieval"] + out["local"]
+    out["total_union"] = out["indexer"] + out["retrieval_union"] + out["local"]
     return out
 
 
@@ -179,8 +232,9 @@ def dense_variants(q, k, v):
     ref = sd.dense_decode_reference(q.float(), k.float(), v.float(),
                                     torch.full((B,), k.shape[2], device=q.device))
     out = []
-    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-               SDPBackend.EFFICIENT_ATTENTION):
+    backends = ((SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION) if q.is_cuda else (SDPBackend.MATH,))
+    for be in backends:
         for form in ("gqa", "fold"):
             def fn(be=be, form=form):
                 with sdpa_kernel([be]):
@@ -190,7 +244,8 @@ def dense_variants(q, k, v):
             name = f"dense_sdpa_{be.name.lower().replace('_attention', '')}_{form}"
             try:
                 err = rel_err(fn(), ref)
-                torch.cuda.synchronize()
+                if q.is_cuda:
+                    torch.cuda.synchronize()
             except Exception as e:  # a backend that does not support this shape / GQA
                 print(f"  {name}: not available ({type(e).__name__}: {str(e)[:80]})")
                 continue
@@ -245,6 +300,10 @@ def check_layer(args, configs) -> dict:
                                              block_size=BLOCK)
         res["retrieval_rel_err"] = rel_err(got.out[:, retr], want)
         assert res["retrieval_rel_err"] < 2e-2
+        for other, o in outs[1:]:  # every config (the union kernel among them) vs the reference
+            e = rel_err(o.out[:, retr], want)
+            res[f"retrieval_rel_err_{other}"] = e
+            assert e < 2e-2, f"{other}: retrieval rel err {e:.2e}"
     if local:
         want = sd.local_decode_reference(up["q"][:, local], up["sink_k"], up["sink_v"],
                                          up["ring_k"], up["ring_v"], args["cache_lens"],
@@ -269,7 +328,11 @@ def edge_checks(device="cuda") -> dict:
                 "ssel_k4_tile128": C(select_wide_tile=128),
                 "ssel_k16_1d": C(search_arity=16, select_max_2d=256),
                 "no_overlap_ns3": C(overlap_local=False, num_splits=3, local_num_splits=3),
-                "fused_ns64": C(fused_reduction=True, num_splits=64, local_num_splits=64)}
+                "fused_ns64": C(fused_reduction=True, num_splits=64, local_num_splits=64),
+                "union": C(retrieval_union=True),
+                "union_fused_ns3": C(retrieval_union=True, fused_reduction=True,
+                                     union_num_splits=3),
+                "per_head": C(retrieval_union=False)}
     res = {}
     g = torch.Generator(device=device).manual_seed(0)
     BSz, Wn, Sk, L, Dh = 16, 200, 4, 3000, 64
@@ -347,8 +410,14 @@ def run_decode_bench(args) -> list[dict]:
     density = chosen free blocks / free blocks beyond the forced sink + window blocks).
 
     args: seq_lens, dtype, out (see _json_path); optional densities, modes, edge_checks,
-    time_budget (seconds; later layers are skipped, and listed in meta.errors, once it is spent)."""
-    if not torch.cuda.is_available():
+    time_budget (seconds; later layers are skipped, and listed in meta.errors, once it is spent),
+    head_overlap (list of fractions, default [0]), layers ("1of4", "0of4"), layer_configs
+    (whole-layer configs besides default), parts (PARTS), retrieval_variants (names of the
+    part_retrieval_attn variants), indexer_fp8; device "cpu" (tests
+    only: a dry run of every code path under TRITON_INTERPRET=1 at toy sizes, each "time" one
+    wall-clock call, no CUDA graphs)."""
+    dev = torch.device(getattr(args, "device", None) or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_decode: no CUDA device, nothing timed")
         return []
     from kernels import triton_decode as td
@@ -356,23 +425,45 @@ def run_decode_bench(args) -> list[dict]:
     dtype = _dtype(getattr(args, "dtype", "bf16"))
     densities = list(getattr(args, "densities", None) or [0.01, 0.05, 0.2])
     modes = list(getattr(args, "modes", None) or ["eager", "graph"])
-    dev = torch.device("cuda")
     esize = torch.empty((), dtype=dtype).element_size()
     C = td.TritonDecodeConfig
     base = C()  # the defaults: separate select (arity 4), 2-launch merges, local on a side stream
-    configs = {  # whole-layer variants
+    configs = {  # whole-layer variants; the retrieval kernel that is not the default is added
         "default": base,
+        "per_head" if base.retrieval_union else "union":
+            C(retrieval_union=not base.retrieval_union),
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
+    keep_cfg = getattr(args, "layer_configs", None)
+    if keep_cfg:
+        configs = {k: v for k, v in configs.items() if k == "default" or k in keep_cfg}
+    parts = set(getattr(args, "parts", None) or PARTS)
+    layer_kinds = set(getattr(args, "layers", None) or ["1of4", "0of4"])
+    overlaps = [float(x) for x in (getattr(args, "head_overlap", None) or [0.0])]
+    fp8 = bool(getattr(args, "indexer_fp8", False))
     # part variants (CUDA-graph timed): scoring pass alone, the select search variants,
     # split counts of the two attention kernels
     score_configs = {"score_bpc8_w4": C(), "score_bpc4_w4": C(score_blocks_per_cta=4),
                      "score_bpc16_w8": C(score_blocks_per_cta=16, score_num_warps=8)}
     select_configs = {"ssel_k4": C(), "ssel_k16": C(search_arity=16),
                       "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True)}
-    retr_configs = {"ns_auto": C(), "ns32": C(num_splits=32),
-                    "ns128": C(num_splits=128, max_splits=128)}
+    retr_configs = {"ns_auto": C(retrieval_union=False),  # per query head
+                    "ns32": C(retrieval_union=False, num_splits=32),
+                    "ns128": C(retrieval_union=False, num_splits=128, max_splits=128),
+                    # GQA union: each block once per KV group (auto = min(4 x SMs / groups, 128))
+                    "union_ns_auto": C(retrieval_union=True),
+                    "union_ns64": C(retrieval_union=True, union_num_splits=64),
+                    "union_ns256": C(retrieval_union=True, union_num_splits=256,
+                                     union_max_splits=256),
+                    "union_w8": C(retrieval_union=True, union_num_warps=8)}
+    keep_retr = getattr(args, "retrieval_variants", None)
+    if keep_retr:
+        unknown = set(keep_retr) - set(retr_configs)
+        if unknown:
+            raise ValueError(f"unknown retrieval variants {sorted(unknown)}; "
+                             f"known: {list(retr_configs)}")
+        retr_configs = {k: v for k, v in retr_configs.items() if k in keep_retr}
     local_configs = {"ns_auto": C(), "ns16": C(local_num_splits=16),
                      "ns32": C(local_num_splits=32),
                      "ns128_t32": C(local_num_splits=128, local_tile=32, max_splits=128),
@@ -381,10 +472,13 @@ def run_decode_bench(args) -> list[dict]:
     checks: dict = {}
     t_start = time.time()
     budget = float(getattr(args, "time_budget", None) or 1e9)
-    meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+    meta = dict(date=datetime.date.today().isoformat(),
+                device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)",
                 torch=torch.__version__, triton=__import__("triton").__version__,
                 dtype=str(dtype), window=WINDOW, sinks=SINKS, block=BLOCK, top_p=TOP_P,
-                copy_tbps=COPY_TBPS, checks=checks, errors=[])
+                copy_tbps=COPY_TBPS, checks=checks, errors=[],
+                default_retrieval_kernel="union" if base.retrieval_union else "per_head",
+                head_overlaps=overlaps, parts=sorted(parts), indexer_fp8=fp8)
 
     def save():
         out = _json_path(args)
@@ -402,7 +496,19 @@ def run_decode_bench(args) -> list[dict]:
         print(f"  {name:<40} {mode:<5} {ms * 1e3:9.1f} us  x{row['speedup_vs_dense'] or 0:6.2f}"
               f"  {row['gbps'] or 0:7.0f} GB/s", flush=True)
 
+    def add_part(name, L, fn, dense_ms, nbytes, **extra):
+        """A graph-timed part; a failing variant is recorded in meta.errors, the others go on."""
+        try:
+            add(name, L, timed(fn, "graph"), dense_ms, nbytes, "graph", **extra)
+        except Exception as e:
+            meta["errors"].append(f"{name} L={L}: {type(e).__name__}: {str(e)[:300]}")
+            print(f"  ERROR {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
     def timed(fn, mode):
+        if dev.type != "cuda":  # dry run
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
         return bench_ms(fn) if mode == "eager" else bench_ms(graph_of(fn).replay)
 
     def bench_dense(L):
@@ -420,9 +526,11 @@ def run_decode_bench(args) -> list[dict]:
             print(f"  dense baseline ({mode}): {name} {ms * 1e3:.1f} us", flush=True)
         return {mode: ms for mode, (name, ms) in best.items()}, {m: n for m, (n, _) in best.items()}
 
-    def bench_layer(lname, n_groups, dens, L, dense_ms):
-        largs = make_layer(L, n_groups, dens or 0.05, dtype, dev, seed=int(1e3 * (dens or 0)))
-        key = f"{lname}_d{dens}_L{L}"
+    def bench_layer(lname, n_groups, dens, L, dense_ms, overlap=0.0):
+        largs = make_layer(L, n_groups, dens or 0.05, dtype, dev, seed=int(1e3 * (dens or 0)),
+                           head_overlap=overlap if n_groups else 0.0)
+        ov = f"_ov{overlap:g}" if n_groups and overlap else ""
+        key = f"{lname}_d{dens}{ov}_L{L}"
         try:
             checks[key] = check_layer(largs, configs)
         except AssertionError as e:
@@ -430,44 +538,91 @@ def run_decode_bench(args) -> list[dict]:
             print(f"  CHECK FAILED {key}: {e}", flush=True)
         mask = sd.rtpurbo_decode(**largs, impl="triton", config=base).block_mask
         nbytes = bytes_rtpurbo(largs, mask, esize)
-        suffix = f"_d{dens:g}" if dens is not None else ""
+        suffix = (f"_d{dens:g}" if dens is not None else "") + ov
         extra = dict(density_target=dens, density=nbytes["density"], sel_frac=nbytes["sel_frac"],
-                     kept_frac=nbytes["kept_frac"],
+                     kept_frac=nbytes["kept_frac"], head_overlap=overlap if n_groups else None,
                      bytes_detail=nbytes, kv_bytes=kv_bytes_per_token(n_groups, esize),
                      check_ok="failed" not in checks[key])
+        if n_groups:
+            print(f"  {key}: block reads per head {nbytes['per_head_blocks']} vs union "
+                  f"{nbytes['union_blocks']}; retrieval MB per head "
+                  f"{nbytes['retrieval'] / 1e6:.1f} vs union {nbytes['retrieval_union'] / 1e6:.1f}",
+                  flush=True)
         g_ms = dense_ms.get("graph", dense_ms.get("eager"))
         for cname in (list(configs) if n_groups else ["default", "fused_all"]):
-            step = lambda cfg=configs[cname]: sd.rtpurbo_decode(  # noqa: E731
+            if cname not in configs:
+                continue
+            cfg = configs[cname]
+            step = lambda cfg=cfg: sd.rtpurbo_decode(  # noqa: E731
                 **largs, impl="triton", config=cfg)
+            nb_total = nbytes["total_union"] if cfg.retrieval_union else nbytes["total"]
             for mode in modes:
                 add(f"{lname}{suffix}_{cname}", L, timed(step, mode), dense_ms[mode],
-                    nbytes["total"], mode, config=cname, **extra)
+                    nb_total, mode, config=cname,
+                    retrieval_kernel="union" if cfg.retrieval_union else "per_head", **extra)
         # parts, timed as CUDA graphs: kernel time without Python launch overhead
         if n_groups:
             sel_args = (largs["qi"], largs["ki_cache"], largs["cache_lens"])
             sel_kw = dict(top_p=TOP_P, block_size=BLOCK, window=WINDOW, sinks=SINKS)
-            for cname, cfg in score_configs.items():
-                sc = lambda cfg=cfg: td.select_decode_blocks_triton(  # noqa: E731
-                    *sel_args, **sel_kw, config=cfg, _scores_only=True)
-                add(f"part_score{suffix}_{cname}", L, timed(sc, "graph"), g_ms,
-                    nbytes["indexer"], "graph", config=cname)
-            for cname, cfg in select_configs.items():
-                got = td.select_decode_blocks_triton(*sel_args, **sel_kw, config=cfg).block_mask
-                checks[f"{key}_select_{cname}_same_mask"] = bool(torch.equal(got, mask))
-                sel = lambda cfg=cfg: td.select_decode_blocks_triton(  # noqa: E731
-                    *sel_args, **sel_kw, config=cfg)
-                add(f"part_select{suffix}_{cname}", L, timed(sel, "graph"), g_ms,
-                    nbytes["indexer"], "graph", config=cname)
+            if "score" in parts:
+                for cname, cfg in score_configs.items():
+                    sc = lambda cfg=cfg: td.select_decode_blocks_triton(  # noqa: E731
+                        *sel_args, **sel_kw, config=cfg, _scores_only=True)
+                    add(f"part_score{suffix}_{cname}", L, timed(sc, "graph"), g_ms,
+                        nbytes["indexer"], "graph", config=cname)
+            if "select" in parts:
+                for cname, cfg in select_configs.items():
+                    got = td.select_decode_blocks_triton(*sel_args, **sel_kw,
+                                                         config=cfg).block_mask
+                    checks[f"{key}_select_{cname}_same_mask"] = bool(torch.equal(got, mask))
+                    sel = lambda cfg=cfg: td.select_decode_blocks_triton(  # noqa: E731
+                        *sel_args, **sel_kw, config=cfg)
+                    add(f"part_select{suffix}_{cname}", L, timed(sel, "graph"), g_ms,
+                        nbytes["indexer"], "graph", config=cname)
+            if fp8:
+                bench_fp8(largs, mask, key, suffix, L, g_ms, nbytes, sel_kw)
             s = td.select_decode_blocks_triton(*sel_args, **sel_kw)
             retr = [h for h in range(HQ) if largs["is_retrieval"][h]]
-            for cname, cfg in retr_configs.items():
-                att = lambda cfg=cfg: td.retrieval_decode_triton(  # noqa: E731
+            if "retrieval" in parts:
+                # every variant's output vs the per-head kernel's (itself checked against the
+                # reference in check_layer: the whole layer's default / per_head config)
+                ref_out = td.retrieval_decode_triton(
                     largs["q"], largs["k_cache"], largs["v_cache"], largs["kv_head_of_r"],
                     s.block_mask, largs["cache_lens"], window=WINDOW, sinks=SINKS,
-                    block_size=BLOCK, config=cfg, kept=(s.kept_idx, s.kept_count), q_heads=retr)
-                add(f"part_retrieval_attn{suffix}_{cname}", L, timed(att, "graph"), g_ms,
-                    nbytes["retrieval"], "graph", config=cname)
-        if "ring_k" in largs and dens in (None, densities[0]):
+                    block_size=BLOCK, config=C(retrieval_union=False),
+                    kept=(s.kept_idx, s.kept_count), q_heads=retr)[:, retr]
+                for cname, cfg in retr_configs.items():
+                    att = lambda cfg=cfg: td.retrieval_decode_triton(  # noqa: E731
+                        largs["q"], largs["k_cache"], largs["v_cache"], largs["kv_head_of_r"],
+                        s.block_mask, largs["cache_lens"], window=WINDOW, sinks=SINKS,
+                        block_size=BLOCK, config=cfg, kept=(s.kept_idx, s.kept_count),
+                        q_heads=retr)
+                    try:
+                        err = rel_err(att()[:, retr], ref_out)
+                    except Exception as e:  # e.g. a split count that does not compile
+                        meta["errors"].append(f"retrieval {cname} {key}: {type(e).__name__}: "
+                                              f"{str(e)[:300]}")
+                        print(f"  ERROR retrieval {cname}: {type(e).__name__}: {str(e)[:300]}",
+                              flush=True)
+                        continue
+                    checks[f"{key}_retrieval_{cname}_rel_err_vs_per_head"] = err
+                    if not err < 2e-2:
+                        checks[f"{key}_retrieval_{cname}"] = dict(failed=f"rel err {err:.2e}")
+                        print(f"  CHECK FAILED {key} retrieval {cname}: rel err {err:.2e} vs "
+                              "the per-head kernel", flush=True)
+                    nb_r = nbytes["retrieval_union"] if cfg.retrieval_union else nbytes["retrieval"]
+                    add_part(f"part_retrieval_attn{suffix}_{cname}", L, att, g_ms, nb_r,
+                             config=cname, rel_err_vs_per_head=err,
+                             retrieval_kernel="union" if cfg.retrieval_union else "per_head",
+                             head_overlap=overlap, block_reads=nbytes["union_blocks"]
+                             if cfg.retrieval_union else nbytes["per_head_blocks"])
+                # the union kernel's visit-list build alone (part of union_ns_auto above)
+                ul = lambda: td.union_visit_lists(  # noqa: E731
+                    s.block_mask, largs["cache_lens"], largs["kv_head_of_r"], window=WINDOW,
+                    sinks=SINKS, block_size=BLOCK)
+                add_part(f"part_union_lists{suffix}", L, ul, g_ms, s.block_mask.numel(),
+                         config="union_lists")
+        if "ring_k" in largs and "local" in parts and dens in (None, densities[0]) and not ov:
             local = [h for h in range(HQ) if not largs["is_retrieval"][h]]
             for cname, cfg in local_configs.items():
                 loc = lambda cfg=cfg: td.local_decode_triton(  # noqa: E731
@@ -476,6 +631,28 @@ def run_decode_bench(args) -> list[dict]:
                     kv_head_of_l=largs["kv_head_of_l"], config=cfg, q_heads=local)
                 add(f"part_local_{lname}_{cname}", L, timed(loc, "graph"), g_ms,
                     nbytes["local"], "graph", config=cname)
+
+    def bench_fp8(largs, mask, key, suffix, L, g_ms, nbytes, sel_kw):
+        """float8_e4m3fn indexer keys (the scoring kernel upcasts): selection vs the bf16 keys'
+        selection, the bf16-key mass the fp8 selection keeps, scoring / select times."""
+        ki8 = largs["ki_cache"].to(torch.float8_e4m3fn)
+        args8 = (largs["qi"], ki8, largs["cache_lens"])
+        m8 = td.select_decode_blocks_triton(*args8, **sel_kw).block_mask
+        mass = sd.indexer_block_mass_reference(largs["qi"].float(), largs["ki_cache"].float(),
+                                               largs["cache_lens"], block_size=BLOCK)
+        kept8, kept = (mass * m8).sum(-1), (mass * mask).sum(-1)
+        checks[f"{key}_indexer_fp8"] = dict(
+            blocks_differing=int((m8 != mask).sum()),
+            rows_differing=int((m8 != mask).any(-1).sum()),
+            blocks_selected_bf16=int(mask.sum()), blocks_selected_fp8=int(m8.sum()),
+            kept_mass_fp8_min=float(kept8.min()), kept_mass_fp8_mean=float(kept8.mean()),
+            kept_mass_bf16_min=float(kept.min()), kept_mass_bf16_mean=float(kept.mean()))
+        print(f"  {key} fp8 indexer keys: {checks[f'{key}_indexer_fp8']}", flush=True)
+        sc = lambda: td.select_decode_blocks_triton(*args8, **sel_kw,  # noqa: E731
+                                                    _scores_only=True)
+        add_part(f"part_score{suffix}_fp8", L, sc, g_ms, nbytes["indexer"] // 2, config="fp8")
+        sel = lambda: td.select_decode_blocks_triton(*args8, **sel_kw)  # noqa: E731
+        add_part(f"part_select{suffix}_fp8", L, sel, g_ms, nbytes["indexer"] // 2, config="fp8")
 
     if getattr(args, "edge_checks", False):
         checks["edge"] = edge_checks()
@@ -491,17 +668,19 @@ def run_decode_bench(args) -> list[dict]:
             print(f"  ERROR dense: {type(e).__name__}: {e}", flush=True)
             continue
         torch.cuda.empty_cache()
-        layers = [("rtp_1of4", 1, d) for d in densities] + [("rtp_0of4", 0, None)]
-        for lname, n_groups, dens in layers:
+        layers = ([("rtp_1of4", 1, d, ov) for ov in overlaps for d in densities]
+                  if "1of4" in layer_kinds else [])
+        layers += [("rtp_0of4", 0, None, 0.0)] if "0of4" in layer_kinds else []
+        for lname, n_groups, dens, ov in layers:
             if time.time() - t_start > budget:
-                meta["errors"].append(f"time budget hit: skipped {lname} d={dens} L={L}")
-                print(f"  time budget hit: skipping {lname} d={dens}", flush=True)
+                meta["errors"].append(f"time budget hit: skipped {lname} d={dens} ov={ov} L={L}")
+                print(f"  time budget hit: skipping {lname} d={dens} ov={ov}", flush=True)
                 continue
             try:
-                bench_layer(lname, n_groups, dens, L, dense_ms)
+                bench_layer(lname, n_groups, dens, L, dense_ms, ov)
             except Exception as e:  # record, keep going: the other sizes still get measured
-                meta["errors"].append(f"{lname} d={dens} L={L}: {type(e).__name__}: {e}")
-                print(f"  ERROR {lname} d={dens}: {type(e).__name__}: {e}", flush=True)
+                meta["errors"].append(f"{lname} d={dens} ov={ov} L={L}: {type(e).__name__}: {e}")
+                print(f"  ERROR {lname} d={dens} ov={ov}: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
             save()
         print(f"  ({time.time() - t0:.0f} s for L={L})", flush=True)
@@ -509,16 +688,32 @@ def run_decode_bench(args) -> list[dict]:
     return rows
 
 
-def print_table(rows) -> None:
-    print(f"\n{'name':<44}{'mode':<6}{'T':>9}{'us':>10}{'x dense':>9}{'GB/s':>8}{'dens':>7}"
-          f"{'kept':>7}")
+def print_table(rows, head_overlaps=None) -> None:
+    """Whole layers (dense and RTPurbo), then the retrieval-attention parts (per-head vs union
+    kernel). ov = head_overlap of the synthetic indexer (0: independent heads)."""
+    ovs = sorted({r["head_overlap"] for r in rows if r.get("head_overlap") is not None}
+                 | set(head_overlaps or []))
+    print(f"\nsynthetic hot blocks: head_overlap = {', '.join(f'{x:g}' for x in ovs) or '-'} "
+          "(fraction of a head's hot blocks shared by its KV group; 0 = independent heads)")
+    print(f"{'name':<48}{'mode':<6}{'T':>9}{'us':>10}{'x dense':>9}{'GB/s':>8}{'dens':>7}"
+          f"{'kept':>7}{'ov':>5}")
     for r in rows:
         if r["name"].startswith("part_"):
             continue
-        print(f"{r['name']:<44}{r['mode']:<6}{r['T']:>9}{r['ms'] * 1e3:>10.1f}"
+        ov = r.get("head_overlap")
+        print(f"{r['name']:<48}{r['mode']:<6}{r['T']:>9}{r['ms'] * 1e3:>10.1f}"
               f"{(r['speedup_vs_dense'] or float('nan')):>9.2f}{(r['gbps'] or 0):>8.0f}"
               f"{(r.get('density') or float('nan')):>7.3f}"
-              f"{(r.get('kept_frac') or float('nan')):>7.3f}")
+              f"{(r.get('kept_frac') or float('nan')):>7.3f}"
+              f"{'-' if ov is None else f'{ov:g}':>5}")
+    parts = [r for r in rows if r["name"].startswith(("part_retrieval_attn", "part_union_lists",
+                                                      "part_score", "part_select"))]
+    if parts:
+        print(f"\n{'part (graph)':<48}{'T':>9}{'us':>10}{'GB/s':>8}{'blocks':>8}{'ov':>5}")
+        for r in parts:
+            ov = r.get("head_overlap")
+            print(f"{r['name']:<48}{r['T']:>9}{r['ms'] * 1e3:>10.1f}{(r['gbps'] or 0):>8.0f}"
+                  f"{r.get('block_reads') or '':>8}{'' if ov is None else f'{ov:g}':>5}")
 
 
 def main(argv=None):
@@ -532,10 +727,28 @@ def main(argv=None):
                    help="first run small GPU kernel-vs-reference cases (every kernel variant)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; layers not started by then are skipped (listed in the JSON)")
+    p.add_argument("--head-overlap", type=float, nargs="+", default=[0.0],
+                   help="fraction in [0, 1] of each retrieval head's hot blocks shared by its KV "
+                        "group (several values: one layer each); default 0 = independent heads")
+    p.add_argument("--layers", nargs="+", default=["1of4", "0of4"], choices=["1of4", "0of4"])
+    p.add_argument("--layer-configs", nargs="+", default=None,
+                   help="whole-layer configs to time besides 'default' (union / per_head, "
+                        "no_overlap, fused_all; default: all)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
+                   help="part timings to run (default: all)")
+    p.add_argument("--retrieval-variants", nargs="+", default=None,
+                   help="part_retrieval_attn variants to time (ns_auto ns32 ns128 union_ns_auto "
+                        "union_ns64 union_ns256 union_w8; default: all)")
+    p.add_argument("--indexer-fp8", action="store_true",
+                   help="also select on float8_e4m3fn indexer keys: blocks differing from the "
+                        "bf16 selection, kept mass, scoring / select times")
     args = p.parse_args(argv)
+    for x in args.head_overlap:
+        if not 0.0 <= x <= 1.0:
+            p.error(f"--head-overlap must be in [0, 1], got {x}")
     args.decode_out = args.out
     rows = run_decode_bench(args)
-    print_table(rows)
+    print_table(rows, args.head_overlap)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,8 @@ def check_decode(ck: Checker, dev):
     """Decode kernels (kernels/triton_decode.py) vs the references of kernels/sparse_decode.py:
     block selection (the prefill rule: forced sink/window blocks count toward top_p), retrieval,
     local and whole-layer decode. Batch 3 with different lengths (not block multiples, one below
-    the window), irregular GQA maps, fp32 and bf16, the select variants."""
+    the window), irregular GQA maps, fp32 and bf16, the select variants; both retrieval kernels
+    (per query head, GQA union: retrieval_union) vs the reference and vs each other."""
     from kernels import sparse_decode as sd
 
     cuda = dev.type == "cuda"
@@ -253,7 +254,16 @@ def check_decode(ck: Checker, dev):
                 dens = float(chosen.sum()) / n_free if n_free else 1.0
                 ck.add(f"decode select {impl} {name} w={window} s={sinks} p={top_p} (bad rows)", float(bad), 0.0,
                        rows_differing=int((got != ref).any(-1).sum()), density=round(dens, 4))
-    # whole layer, per-query-head roles on 8 query / 2 KV heads, irregular maps
+    # whole layer, per-query-head roles on 8 query / 2 KV heads, irregular maps; both retrieval
+    # kernels (the one that is not the default is added; on CUDA also the union kernel with 3
+    # splits and the last-program merge)
+    layer_variants = dict(variants)
+    extra = {"union": C(retrieval_union=True), "per_head": C(retrieval_union=False)}
+    if cuda:
+        extra["union_fused_ns3"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3)
+    for name, cfg in extra.items():
+        if cfg not in layer_variants.values():
+            layer_variants[name] = cfg
     roles = [False, True, False, False, True, True, False, True]
     retr = [h for h in range(8) if roles[h]]
     local = [h for h in range(8) if not roles[h]]
@@ -277,7 +287,8 @@ def check_decode(ck: Checker, dev):
         ref = sd.rtpurbo_decode_reference(**up)
         m_dt = sd.indexer_block_mass_reference(up["qi"].double(), up["ki_cache"].double(), lens, block_size=BS)
         tol = 2e-2 if dt == torch.bfloat16 else 1e-4
-        for name, cfg in variants.items():
+        alone = {}
+        for name, cfg in layer_variants.items():
             tag = f"{impl} {name} {dt}"
             got = sd.rtpurbo_decode(**layer, impl=impl, config=cfg)
             bad = decode_mask_bad_rows(got.block_mask, ref.block_mask, m_dt, lens, 0.9, BS, window, sinks)
@@ -291,6 +302,9 @@ def check_decode(ck: Checker, dev):
             want = sd.retrieval_decode_reference(up["q"][:, retr], up["k_cache"], up["v_cache"], [0, 1, 1, 0],
                                                  ref.block_mask, lens, window=window, sinks=sinks, block_size=BS)
             ck.add(f"decode retrieval_decode alone {tag}", rel_err(att, want), tol)
+            alone[cfg.retrieval_union] = att
+        if len(alone) == 2:  # the GQA-union kernel == the per-head kernel on the same mask
+            ck.add(f"decode retrieval union vs per-head {impl} {dt}", rel_err(alone[True], alone[False]), tol)
 
 
 def main(argv=None) -> int:

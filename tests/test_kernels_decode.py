@@ -405,6 +405,22 @@ def test_select_top_p_edges(td, fused):
             assert torch.equal(got[1e-7], forced[:, None].expand(2, 3, 13))
 
 
+@needs_triton
+def test_select_fp8_indexer_keys(td):
+    """ki_cache in float8_e4m3fn (16 instead of 32 B per token and head): the scoring kernel
+    upcasts each key to fp32, the reference dequantises the same way, so the selections match the
+    reference on the fp8 keys (NaN beyond cache_len in fp8 too)."""
+    lens = torch.tensor(LENS)
+    qi, ki = indexer_inputs(3, 2, 300, seed=11)
+    ki8 = poison_beyond(ki, lens).to(torch.float8_e4m3fn)
+    mass = sd.indexer_block_mass_reference(qi.double(), ki8, lens, block_size=BS)
+    for p, window, sinks in ((0.9, 64, 4), (0.6, 0, 0)):
+        kw = dict(block_size=BS, window=window, sinks=sinks)
+        ref = sd.select_decode_blocks_reference(qi, ki8, lens, top_p=p, **kw)
+        got = td.select_decode_blocks_triton(qi, ki8, lens, top_p=p, config=cfg(td), **kw)
+        assert_valid_top_p(got.block_mask, ref, mass, lens, p, **kw)
+
+
 # -------------------------------------------------------------------------- retrieval heads
 
 
@@ -462,6 +478,85 @@ def test_retrieval_reference_independent_checks():
             kk, vv = k[b, kv_of[h], idx], v[b, kv_of[h], idx]
             p = torch.softmax(kk @ q[b, h] / 32 ** 0.5, 0)
             assert torch.allclose(got[b, h], p @ vv, atol=1e-5)
+
+
+# ------------------------------------------------- retrieval heads: GQA-union kernel
+
+
+def union_lists_brute(mask, lens, kv_of, block_size, window, sinks):
+    """Per (b, retrieval KV head ascending): the valid blocks that a head of the group selected
+    or that hold a sink / window token (written out token by token)."""
+    out = []
+    for b, L in enumerate(lens.tolist()):
+        nb = -(-L // block_size)
+        forced = forced_blocks_by_tokens(L, nb, block_size, window, sinks)
+        for kv in sorted(set(kv_of)):
+            heads = [h for h in range(len(kv_of)) if kv_of[h] == kv]
+            keep = forced | mask[b, heads, :nb].any(0)
+            out.append(keep.nonzero().flatten().tolist())
+    return out
+
+
+UNION_CASES = {  # name: (kv_of, Hkv, block size, splits, fused merge, dtype)
+    "gqa_noncontig_ns1": ([0, 1, 1, 0], 2, BS, 1, False, torch.float32),
+    "gqa_noncontig_ns3_fused": ([0, 1, 1, 0], 2, BS, 3, True, torch.float32),
+    "groups_of_1_ns64_empty_splits": ([2, 0, 3, 1], 4, BS, 64, False, torch.float32),
+    "irregular_3_1_block8_fp16": ([1, 1, 0, 1], 2, 8, 4, False, torch.float16),
+    "one_group_block32_bf16": ([1, 1, 1, 1], 3, 32, 2, True, torch.bfloat16),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(UNION_CASES))
+def test_retrieval_union_matches_per_head_and_reference(td, name):
+    """The GQA-union kernel (each K/V block read once per KV group) == the per-head kernel ==
+    the float64 reference: non-contiguous groups, groups of 1 (per-query-head roles), an
+    irregular 3 + 1 map, one group of 4, block sizes 8 (< tl.dot's 16 rows: padded) / 16 / 32,
+    1 / 3 / 4 / 64 splits (empty ones included), both merges, fp32 / fp16 / bf16, a custom
+    scale, batch 3 of different lengths with NaN beyond every cache_len, a random mask that also
+    marks blocks beyond L (never read)."""
+    kv_of, hkv, bsz, ns, fused, dt = UNION_CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    lens = torch.tensor(LENS)
+    L, D = 300, 32
+    q = torch.randn(3, 4, D, generator=g).to(dt)
+    k = poison_beyond(torch.randn(3, hkv, L, D, generator=g), lens).to(dt)
+    v = poison_beyond(torch.randn(3, hkv, L, D, generator=g), lens).to(dt)
+    mask = torch.rand(3, 4, -(-L // bsz), generator=g) < 0.3
+    kw = dict(window=40, sinks=4, block_size=bsz, scale=0.2 if dt == torch.float16 else None)
+    ref = sd.retrieval_decode_reference(q.double(), k.double(), v.double(), kv_of, mask, lens, **kw)
+    base = dict(num_splits=ns, union_num_splits=ns, fused_reduction=fused)
+    union = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton",
+                                config=cfg(td, retrieval_union=True, **base), **kw)
+    per_head = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton",
+                                   config=cfg(td, retrieval_union=False, **base), **kw)
+    tol = 1e-5 if dt == torch.float32 else 2e-3 if dt == torch.float16 else 2e-2
+    assert union.dtype == dt and torch.isfinite(union).all()
+    assert rel_err(union, ref) < tol and rel_err(union, per_head) < tol
+    idx, cnt = td.union_visit_lists(mask, lens, kv_of, window=40, sinks=4, block_size=bsz)
+    want = union_lists_brute(mask, lens, kv_of, bsz, 40, 4)
+    assert [idx[i, :int(c)].tolist() for i, c in enumerate(cnt)] == want
+
+
+@needs_triton
+def test_retrieval_union_empty_mask_and_in_place_rows(td):
+    """An empty mask gives local semantics (sinks + window, token level: the engine's local heads
+    that read a full cache), and q_heads writes each head's row of a shared output in place."""
+    q, k, v, _, lens = retrieval_case(seed=5)
+    kv_of = [1, 0, 1, 0]
+    none = torch.zeros(3, 4, -(-300 // BS), dtype=torch.bool)
+    kw = dict(window=24, sinks=4, block_size=BS)
+    ref = sd.retrieval_decode_reference(q, k, v, kv_of, none, lens, **kw)
+    got = sd.retrieval_decode(q, k, v, kv_of, none, lens, impl="triton",
+                              config=cfg(td, retrieval_union=True, union_num_splits=2), **kw)
+    assert rel_err(got, ref) < 1e-5
+    q6 = torch.randn(3, 6, 32)
+    rows = [5, 0, 3, 2]  # retrieval head h is row rows[h] of q6 / out
+    q6[:, rows] = q
+    out = torch.full((3, 6, 32), 7.0)
+    td.retrieval_decode_triton(q6, k, v, kv_of, none, lens, config=cfg(td, retrieval_union=True),
+                               out=out, q_heads=rows, **kw)
+    assert rel_err(out[:, rows], ref) < 1e-5 and (out[:, [1, 4]] == 7.0).all()
 
 
 # ------------------------------------------------------------------------------ local heads
@@ -546,16 +641,23 @@ def layer_case(lens, roles, W=48, S=4, L=320, seed=0, r=16):
 
 
 @needs_triton
-@pytest.mark.parametrize("fused", [True, False])
-def test_rtpurbo_matches_reference(td, fused):
+@pytest.mark.parametrize("fused,union", [(True, False), (False, False), (True, True),
+                                         (False, True)])
+def test_rtpurbo_matches_reference(td, fused, union):
+    """Whole layer vs reference; union: the GQA-union retrieval kernel (retrieval heads 1 | 6, 7
+    on KV heads 0 | 1: groups of 1 and 2), which must also equal the per-head kernel's output."""
     roles = [False, True, False, False, False, False, True, True]
     args, _ = layer_case([320, 187, 25], roles)
     kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
     ref = sd.rtpurbo_decode_reference(**args, **kw)
-    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, fused_reduction=fused,
-                                                                     fused_select=not fused,
-                                                                     num_splits=3,
-                                                                     local_num_splits=2))
+    c = dict(fused_reduction=fused, fused_select=not fused, num_splits=3, local_num_splits=2,
+             union_num_splits=3)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, retrieval_union=union, **c))
+    if union:
+        per_head = sd.rtpurbo_decode(**args, **kw, impl="triton",
+                                     config=cfg(td, retrieval_union=False, **c))
+        assert torch.equal(got.block_mask, per_head.block_mask)
+        assert rel_err(got.out, per_head.out) < 1e-5
     mass = sd.indexer_block_mass_reference(args["qi"], args["ki_cache"], args["cache_lens"],
                                            block_size=BS)
     assert_valid_top_p(got.block_mask, ref.block_mask, mass, args["cache_lens"], 0.9, BS, 40, 4)
@@ -572,19 +674,21 @@ def test_rtpurbo_matches_reference(td, fused):
 
 
 @needs_triton
-def test_rtpurbo_full_top_p_and_window_is_dense(td):
+@pytest.mark.parametrize("union", [False, True])
+def test_rtpurbo_full_top_p_and_window_is_dense(td, union):
     """top_p = 1 and window >= cache_len: every head attends to everything = dense decode."""
     roles = [True, False, False, True, False, False, False, True]
     args, (k, v) = layer_case([60, 33], roles, W=64, L=64)
     dense = sd.dense_decode_reference(args["q"].double(), k.double(), v.double(),
                                       args["cache_lens"])
     kw = dict(top_p=1.0, block_size=BS, window=64, sinks=4)
-    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, num_splits=2))
+    c = cfg(td, num_splits=2, union_num_splits=2, retrieval_union=union)
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=c)
     assert rel_err(got.out, dense) < 1e-5
     assert rel_err(sd.rtpurbo_decode_reference(**args, **kw).out, dense) < 1e-6
     # and with the window too short, top_p = 1 on retrieval heads still makes them dense
     kw["window"] = 8
-    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, num_splits=2))
+    got = sd.rtpurbo_decode(**args, **kw, impl="triton", config=c)
     retr = [0, 3, 7]
     assert rel_err(got.out[:, retr], dense[:, retr]) < 1e-5
 
@@ -702,19 +806,83 @@ def test_bench_layer_builder_and_checks(td, monkeypatch):
         monkeypatch.setattr(bd, name, val)
     configs = {"fused": cfg(td, num_splits=3, local_num_splits=2),
                "sep": cfg(td, fused_reduction=False, fused_select=False, search_arity=1,
-                          num_splits=2)}
+                          num_splits=2),
+               "union": cfg(td, retrieval_union=True, union_num_splits=3)}
     args = bd.make_layer(700, 1, 0.2, torch.float16, torch.device("cpu"))
     res = bd.check_layer(args, configs)
     assert res["retrieval_rel_err"] < 2e-3 and res["local_rel_err"] < 2e-3
+    assert res["retrieval_rel_err_union"] < 2e-3
     mask = sd.rtpurbo_decode(**args, impl="triton", config=configs["fused"]).block_mask
     nbytes = bd.bytes_rtpurbo(args, mask, 2)
     # chosen free blocks / free blocks: most of the hot 20% (the forced blocks hold some hot mass)
     assert 0.1 < nbytes["density"] < 0.25
     assert nbytes["local"] == 3 * (4 + 48) * 2 * 32 * 2
     assert nbytes["indexer"] == 2 * 700 * 16 * 2
+    # union bytes: every valid token of the union of the 2 heads' blocks (+ forced), read once
+    lens = args["cache_lens"]
+    idx, cnt = td.union_visit_lists(mask, lens, args["kv_head_of_r"], window=48, sinks=4,
+                                    block_size=16)
+    blocks = idx[0, :int(cnt[0])].long()
+    assert nbytes["union_blocks"] == len(blocks) and nbytes["per_head_blocks"] == int(mask.sum())
+    n_tok = int((700 - blocks * 16).clamp(max=16).sum())
+    assert nbytes["retrieval_union"] == n_tok * 2 * 32 * 2
+    assert nbytes["total_union"] == nbytes["indexer"] + nbytes["retrieval_union"] + nbytes["local"]
+    assert nbytes["retrieval_union"] <= nbytes["retrieval"] <= 2 * nbytes["retrieval_union"]
+    # head overlap: a group's heads share round(x * n_hot) hot blocks; x = 0 is the old builder
+    nb = -(-700 // 16)
+    n_hot = round(0.2 * nb)
+    for x in (0.0, 0.5, 1.0):
+        a = bd.make_layer(700, 1, 0.2, torch.float32, torch.device("cpu"), head_overlap=x)
+        s = (a["ki_cache"][0] @ a["qi"][0, :, :, None])[..., 0]  # [2, 700]; hot: +4.9 on average
+        hot = torch.nn.functional.pad(s, (0, nb * 16 - 700)).view(2, nb, 16).sum(-1) > 2.4 * 16
+        assert (hot.sum(-1) == n_hot).all()
+        assert int((hot[0] & hot[1]).sum()) >= round(x * n_hot)
+        if x == 1.0:
+            assert torch.equal(hot[0], hot[1])
+    cpu = torch.device("cpu")
+    same = bd.make_layer(700, 1, 0.2, torch.float32, cpu)
+    again = bd.make_layer(700, 1, 0.2, torch.float32, cpu, head_overlap=0.0)
+    assert torch.equal(same["ki_cache"], again["ki_cache"])
     kv = bd.kv_bytes_per_token(1, 2)
     assert kv["dense_per_token"] == 4 * 2 * 32 * 2
     assert kv["rtpurbo_per_token"] == 2 * 32 * 2 + 2 * 16 * 2  # 1 KV head + 2 heads' indexer keys
+
+
+@needs_triton
+def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
+    """scripts/bench_decode.run_decode_bench end to end on the CPU (device="cpu": one wall-clock
+    call per "timing") at toy size: the union variants, --head-overlap, --indexer-fp8 and the
+    table run, every check passes, the union rows count the union's bytes."""
+    import json
+
+    from scripts import bench_decode as bd
+
+    for name, val in dict(WINDOW=48, BLOCK=16, HQ=8, HKV=4, D=32).items():
+        monkeypatch.setattr(bd, name, val)
+    ns = __import__("argparse").Namespace(
+        seq_lens=[400], densities=[0.2], modes=["graph"], dtype="fp16", device="cpu",
+        decode_out=str(tmp_path / "d.json"), head_overlap=[0.5], layers=["1of4"],
+        layer_configs=["union"], parts=["retrieval"], indexer_fp8=True,
+        retrieval_variants=["ns_auto", "union_ns_auto", "union_ns64"])
+    rows = bd.run_decode_bench(ns)
+    bd.print_table(rows, ns.head_overlap)
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["meta"]["errors"] == [] and res["meta"]["head_overlaps"] == [0.5]
+    assert not any("failed" in str(v) for v in res["meta"]["checks"].values())
+    by = {r["name"]: r for r in rows}
+    layer = by["rtp_1of4_d0.2_ov0.5_union"]
+    assert layer["retrieval_kernel"] == "union" and layer["head_overlap"] == 0.5
+    assert layer["bytes"] == layer["bytes_detail"]["total_union"]
+    det = layer["bytes_detail"]
+    assert by["rtp_1of4_d0.2_ov0.5_default"]["bytes"] == (det["total_union"]
+                                                          if td.DEFAULT_CONFIG.retrieval_union
+                                                          else det["total"])
+    part = by["part_retrieval_attn_d0.2_ov0.5_union_ns_auto"]
+    assert part["bytes"] == det["retrieval_union"] and part["block_reads"] == det["union_blocks"]
+    assert by["part_retrieval_attn_d0.2_ov0.5_ns_auto"]["bytes"] == det["retrieval"]
+    fp8 = res["meta"]["checks"]["rtp_1of4_d0.2_ov0.5_L400_indexer_fp8"]
+    assert fp8["kept_mass_fp8_min"] >= 0.9 - 1e-4 and "part_score_d0.2_ov0.5_fp8" in by
+    assert "head_overlap = 0.5" in capsys.readouterr().out
 
 
 @needs_triton
