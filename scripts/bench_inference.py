@@ -87,6 +87,7 @@ if __package__ in (None, ""):
 from kernels import sparse_decode as sd  # noqa: E402
 from models.inference import InferenceEngine, RoleKVCache  # noqa: E402
 from models.inference.engine import _moe_static  # noqa: E402
+from models.inference.prefill import dense_causal, local_window, one_shot_prefill  # noqa: E402
 from models.qwen3.args import Qwen3ModelArgs, get_flavor  # noqa: E402
 from models.qwen3.model import Qwen3Model  # noqa: E402
 
@@ -187,40 +188,10 @@ class Timer:
 
 
 # -------------------------------------------------------------------------------------------- prefill
-_SDPA_NOTE: dict = {}
-
-
-def dense_causal(q, k, v):
-    """Causal GQA attention: cuDNN SDPA on CUDA (flash if cuDNN refuses, said once), math on CPU."""
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
-    start = _SDPA_NOTE.get("backend_index", 0)
-    for i in range(start, len(order)):
-        try:
-            with sdpa_kernel([order[i]]):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-            if i != start or "backend" not in _SDPA_NOTE:
-                _SDPA_NOTE.update(backend_index=i, backend=order[i].name)
-                if i:
-                    print(f"  note: cuDNN SDPA refused the prefill shape; using {order[i].name}", flush=True)
-            return out
-        except RuntimeError as e:
-            _SDPA_NOTE.setdefault("errors", []).append(f"{order[i].name}: {e}"[:300])
-    raise RuntimeError(f"no SDPA backend ran the causal prefill: {_SDPA_NOTE.get('errors')}")
-
-
-def local_window(q, k, v, window, sinks):
-    if q.is_cuda:
-        from kernels.masks import local_attention
-
-        return local_attention(q, k, v, window=window, sinks=sinks)
-    from kernels.masks import local_mask_dense
-
-    mask = local_mask_dense(q.shape[2], window, sinks, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+# The prefill is the engine's one-shot path (models/inference/prefill.py): dense_causal (cuDNN, then flash,
+# efficient, math SDPA; a refusal is logged), local_window (FlexAttention window + sinks) and the per-layer
+# function are the engine's; only the sparse retrieval prefill over a planted selection and the per-layer
+# timing live here.
 
 
 def sparse_retrieval(q_r, k_r, v_r, qi, ki, p, args, planted):
@@ -238,106 +209,34 @@ def sparse_retrieval(q_r, k_r, v_r, qi, ki, p, args, planted):
 
 @torch.no_grad()
 def fast_prefill(eng: InferenceEngine, tokens: torch.Tensor, args, *, planted=None, stats=None):
-    """Prefill a [1, T] prompt through every layer at once with the fast kernels, writing the engine's cache.
-    Returns (last-token logits [1, V], per-layer ms list)."""
-    model = eng.model
+    """Prefill a [B, T] prompt through every layer at once with the fast kernels (the engine's one-shot prefill,
+    models/inference/prefill.one_shot_prefill: projections in --proj-chunk, FFN / MoE in --moe-chunk token
+    chunks), writing the engine's cache. --retrieval-prefill sparse: the retrieval heads through
+    sparse_retrieval (indexer selection + block-sparse attention over `planted`). Per-layer times: a Timer mark
+    before and after each layer, synchronised after it (CUDA events). Returns (last-token logits [B, V],
+    per-layer ms list)."""
     B, T = tokens.shape
-    cache = eng.new_cache(B)
-    dev = tokens.device
-    timer = Timer(dev)
-    layer_ms = []
-    x = model.tok_embeddings(tokens)
-    for li, layer in enumerate(eng.layers):
-        t0 = timer.start()
-        _prefill_layer(eng, cache, li, layer, x, args, planted, stats)
-        t1 = timer.start()
-        layer_ms.append(timer.ms(t0, t1))
-    eng.lens = [T] * B
-    logits = model.output(model.norm(x[:, -1:]))[:, 0]
+    timer = Timer(tokens.device)
+    layer_ms: list[float] = []
+    t0 = [None]
+
+    def mark(li):
+        if t0[0] is not None:
+            t1 = timer.start()
+            layer_ms.append(timer.ms(t0[0], t1))
+        t0[0] = timer.start() if li < len(eng.layers) else None
+
+    retrieval = None
+    if args.retrieval_prefill == "sparse":
+        def retrieval(li, p, q_r, k_g, v_g, qi, ki):
+            o, sel = sparse_retrieval(q_r, k_g, v_g, qi, ki, p, args, planted)
+            if stats is not None:
+                stats.setdefault("prefill_selection_density", []).append(float(sel.density.mean()))
+            return o
+
+    logits = one_shot_prefill(eng, tokens, [T] * B, proj_chunk=args.proj_chunk, ffn_chunk=args.moe_chunk,
+                              retrieval_attention=retrieval, on_layer=mark)
     return logits, layer_ms
-
-
-def _prefill_layer(eng, cache, li, layer, x, args, planted, stats):
-    attn = layer.attention
-    p = cache.plans[li]
-    B, T, _ = x.shape
-    Hq, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    G = Hq // Hkv
-    dev, dt = x.device, x.dtype
-    qo = torch.empty(B, Hq, T, D, device=dev, dtype=dt)  # queries, then (in place) attention outputs
-    if not p.rtpurbo:
-        k_all, v_all = cache.k[li][:, :, :T], cache.v[li][:, :, :T]
-    else:
-        k_all = torch.empty(B, Hkv, T, D, device=dev, dtype=dt)
-        v_all = torch.empty_like(k_all)
-    retr = list(p.retrieval)
-    qi_all = None
-    if retr:
-        ki_all = cache.ki[li][:, :, :T]
-        if args.retrieval_prefill == "sparse":
-            qi_all = torch.empty(B, len(retr), T, p.indexer_dim, device=dev, dtype=cache.ki[li].dtype)
-    for c0 in range(0, T, args.proj_chunk):
-        c1 = min(c0 + args.proj_chunk, T)
-        h = layer.attention_norm(x[:, c0:c1])
-        pos = torch.arange(c0, c1, device=dev).expand(B, c1 - c0)
-        q, k, v, q_pre, k_pre = eng._qkv(attn, h, pos)
-        qo[:, :, c0:c1], k_all[:, :, c0:c1], v_all[:, :, c0:c1] = q, k, v
-        if retr:
-            qi, ki = attn.inner_attention.indexer(q_pre, k_pre)
-            ki_all[:, :, c0:c1] = ki
-            if qi_all is not None:
-                qi_all[:, :, c0:c1] = qi
-        del q, k, v, q_pre, k_pre, h
-    if p.rtpurbo:  # cache: full KV heads, then sinks + ring of the local-only KV heads
-        for j, kv in enumerate(p.full_kv):
-            cache.k[li][:, j, :T] = k_all[:, kv]
-            cache.v[li][:, j, :T] = v_all[:, kv]
-        if p.ring_kv:
-            W = cache.ring_k[li].shape[2]
-            ns = min(p.sinks, T)
-            lo = max(0, T - W)
-            slots = torch.remainder(torch.arange(lo, T, device=dev), W)
-            for j, kv in enumerate(p.ring_kv):
-                cache.sink_k[li][:, j, :ns] = k_all[:, kv, :ns]
-                cache.sink_v[li][:, j, :ns] = v_all[:, kv, :ns]
-                cache.ring_k[li][:, j, slots] = k_all[:, kv, lo:T]
-                cache.ring_v[li][:, j, slots] = v_all[:, kv, lo:T]
-    rset = set(retr)
-    for g in range(Hkv):  # attention per KV group, outputs written over the group's queries
-        kg, vg = k_all[:, g:g + 1], v_all[:, g:g + 1]
-        hs = list(range(g * G, (g + 1) * G))
-        r_hs = [h for h in hs if h in rset]
-        l_hs = [h for h in hs if h not in rset]
-        if not p.rtpurbo:
-            qo[:, g * G:(g + 1) * G] = dense_causal(qo[:, g * G:(g + 1) * G], kg, vg)
-            continue
-        if r_hs:
-            qr = qo[:, r_hs]
-            if args.retrieval_prefill == "sparse":
-                ridx = [retr.index(h) for h in r_hs]
-                o, sel = sparse_retrieval(qr, kg, vg, qi_all[:, ridx], ki_all[:, ridx], p, args, planted)
-                if stats is not None:
-                    stats.setdefault("prefill_selection_density", []).append(float(sel.density.mean()))
-            else:
-                o = dense_causal(qr, kg, vg)
-            qo[:, r_hs] = o
-        if l_hs:
-            if l_hs == hs:
-                qo[:, g * G:(g + 1) * G] = local_window(qo[:, g * G:(g + 1) * G], kg, vg, p.window, p.sinks)
-            else:
-                qo[:, l_hs] = local_window(qo[:, l_hs], kg, vg, p.window, p.sinks)
-    del k_all, v_all, qi_all
-    for c0 in range(0, T, args.moe_chunk):  # output projection + FFN / MoE, in chunks, residual in place
-        c1 = min(c0 + args.moe_chunk, T)
-        a = qo[:, :, c0:c1].transpose(1, 2).reshape(B, c1 - c0, Hq * D)
-        xc = x[:, c0:c1] + attn.wo(a)
-        hf = layer.ffn_norm(xc)
-        if layer.moe_enabled:
-            f = _moe_static(layer.moe, hf.reshape(-1, hf.shape[-1])).view_as(hf)
-        else:
-            f = layer.feed_forward(hf)
-        x[:, c0:c1] = xc + f
-    del qo
 
 
 @torch.no_grad()
@@ -1106,7 +1005,7 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
     e_gr = mk(cuda_graph=True if dev.type == "cuda" else None, static_decode=True)
     e_st = mk(cuda_graph=False, static_decode=True)  # the graph-safe step, eagerly
     e_mod = mk(cuda_graph=False, static_decode=True, fused_decode=False)  # the same step on the model's modules
-    l_ref = e_ref.prefill(tokens, [T0])
+    l_ref = e_ref.prefill(tokens, [T0], mode="chunked")  # the exact chunked path (auto is one-shot on CUDA)
     l_gr, _ = fast_prefill(e_gr, tokens, args)
     _copy_cache(e_gr, e_st)
     _copy_cache(e_gr, e_mod)

@@ -5,9 +5,11 @@ with the role-aware KV cache and sparse decode of models/inference/ (see docs/in
         --tokenizer assets/tokenizer/stdlib_sp4096.model --max-new-tokens 64
 
 Streams the text to stdout; the statistics (prompt tokens, time to first token, decode tokens/s, KV memory,
-mean kept density of the retrieval heads, whether the decode step ran as CUDA graphs and why not) go to
-stderr at the end. On CUDA the decode step is a CUDA graph by default (--cuda-graph auto|on|off). Bad inputs (missing / corrupt
-checkpoint, tokenizer vocabulary larger than the model's, prompt longer than --max-len) print one
+mean kept density of the retrieval heads, which prefill mode ran and why, whether the decode step ran as CUDA
+graphs and why not) go to stderr at the end. On CUDA the decode step is a CUDA graph by default (--cuda-graph
+auto|on|off) and the prefill runs every layer over the whole prompt with the fast kernels when it fits
+(--prefill auto|chunked|one_shot). Bad inputs (missing / corrupt checkpoint, tokenizer vocabulary larger than
+the model's, prompt longer than --max-len, KV cache or a required one-shot prefill too large) print one
 "error: ..." line and exit with code 2.
 """
 
@@ -46,6 +48,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                     help="decode step as CUDA graphs: auto = on CUDA (default), on = required, off")
+    ap.add_argument("--prefill", choices=["auto", "chunked", "one_shot"], default="auto",
+                    help="prefill mode: one_shot = every layer over the whole prompt with the fast kernels "
+                         "(activations grow with the prompt), chunked = exact, --chunk-size tokens at a time; "
+                         "auto (default) = one_shot on CUDA when it fits in memory, else chunked")
     return ap.parse_args(argv)
 
 
@@ -111,13 +117,14 @@ def main(argv=None) -> int:
         if len(ids) > args.max_len:
             raise UsageError(f"prompt has {len(ids)} tokens, longer than --max-len {args.max_len}")
         from models.inference import InferenceEngine, KVCacheMemoryError
+        from models.inference.prefill import PrefillMemoryError
 
         limit = int(args.kv_memory_limit_gb * 2**30) if args.kv_memory_limit_gb else None
         graphs = {"auto": None, "on": True, "off": False}[args.cuda_graph]
         if graphs and not str(args.device).startswith("cuda"):
             raise UsageError(f"--cuda-graph on needs a CUDA device (--device is {args.device})")
         eng = InferenceEngine(model, max_len=args.max_len, chunk_size=args.chunk_size, memory_limit_bytes=limit,
-                              cuda_graph=graphs)
+                              cuda_graph=graphs, prefill_mode=args.prefill)
         out: list[int] = []
         shown = [""]
 
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
             res = eng.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, stop_tokens=[tok.eos_id], seed=args.seed,
                                on_tokens=stream)
-        except KVCacheMemoryError as e:
+        except (KVCacheMemoryError, PrefillMemoryError) as e:
             raise UsageError(str(e)) from None
     except (UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -161,7 +168,8 @@ def main(argv=None) -> int:
           f"(dense {m['dense_total_bytes'] / 2**20:.2f} MiB); {m['bytes_per_token']} B/token + "
           f"{m['fixed_bytes_per_sequence']} B fixed vs dense {m['dense_bytes_per_token']} B/token\n"
           f"mean kept density (retrieval heads, decode): {dens}\n"
-          f"decode path: {res.decode_path}; CUDA graphs {res.graph_status}", file=sys.stderr)
+          f"prefill: {res.prefill_mode} ({res.prefill_status}) | decode path: {res.decode_path}; "
+          f"CUDA graphs {res.graph_status}", file=sys.stderr)
     return 0
 
 

@@ -4,10 +4,17 @@ It runs the model's own modules layer by layer (norms, wq/wk/wv/wo, q_norm/k_nor
 moe); the model code is not changed and its attention backend is only read for the head roles and the
 RTPurbo settings.
 
-  * Chunked prefill (chunk_size tokens at a time, all sequences of the batch together, left-aligned):
-    exact masked attention over the cache + the chunk: dense (causal) for dense layers and retrieval heads
-    (the paper's dense prefill), window + sinks for local heads. Cache writes past a sequence's own
-    prompt length are masked for the ring buffer (padding never evicts real tokens).
+  * Prefill, two modes writing the same cache (prefill(mode="auto" | "chunked" | "one_shot")):
+    - chunked (chunk_size tokens at a time, all sequences of the batch together, left-aligned): exact
+      masked attention (SDPA with a boolean mask) over the cache + the chunk: dense (causal) for dense layers
+      and retrieval heads (the paper's dense prefill), window + sinks for local heads. Cache writes past a
+      sequence's own prompt length are masked for the ring buffer (padding never evicts real tokens).
+      Activations bounded by the chunk; slow on long prompts on a GPU (no flash / cuDNN kernel takes a mask).
+    - one_shot (models/inference/prefill.py): every layer over the whole prompt at once with the fast
+      kernels (cuDNN causal SDPA, FlexAttention window + sinks on CUDA), projections / FFN in chunks of
+      proj_chunk / ffn_chunk tokens. Activations grow with the prompt (estimated before running).
+    - auto: one_shot on CUDA for one sequence or equal prompt lengths longer than one chunk when its
+      estimate fits, else chunked.
   * Decode: one token per sequence per step, at per-sequence positions (cache_lens); attention through
     kernels/sparse_decode.py: dense_decode_reference for dense layers; for RTPurbo layers the indexer's
     dynamic top-p block selection + retrieval_decode for retrieval heads, local_decode (sinks + ring) for
@@ -49,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import sparse_decode as sd
+from models.inference import prefill as pf
 from models.inference.cuda_graph import DecodeGraphs, GraphCaptureError, bucket_length
 from models.inference.kv_cache import LayerPlan, RoleKVCache
 from models.qwen3.rope import apply_rope, rope_cos_sin
@@ -71,6 +79,8 @@ class GenerationResult:
     graph_capture_s: float = 0.0  # part of decode_s spent capturing CUDA graphs (warm-ups and JIT included)
     graph_status: str = ""  # whether CUDA graphs were used, and why not
     decode_layers: str = ""  # fused Triton kernels or the model's torch modules, and why (fused_status)
+    prefill_mode: str = ""  # "one_shot" | "chunked": the prefill that ran (InferenceEngine.last_prefill_mode)
+    prefill_status: str = ""  # why that mode (InferenceEngine.prefill_status)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -225,9 +235,18 @@ class InferenceEngine:
     def __init__(self, model: nn.Module, *, max_len: int, chunk_size: int = 256,
                  memory_limit_bytes: int | None = None, impl: str = "auto", cuda_graph: bool | None = None,
                  static_decode: bool | None = None, graph_min_bucket: int = 2048, track_density: bool = True,
-                 fused_decode: bool | None = None):
+                 fused_decode: bool | None = None, prefill_mode: str = "auto", proj_chunk: int = 65536,
+                 ffn_chunk: int = 16384):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if proj_chunk < 1 or ffn_chunk < 1:
+            raise ValueError(f"proj_chunk and ffn_chunk must be >= 1, got {proj_chunk}, {ffn_chunk}")
+        if prefill_mode not in pf.MODES:
+            raise ValueError(f"prefill_mode must be one of {pf.MODES}, got {prefill_mode!r}")
+        self.prefill_mode = prefill_mode
+        self.proj_chunk, self.ffn_chunk = int(proj_chunk), int(ffn_chunk)
+        self.last_prefill_mode: str = ""  # "one_shot" | "chunked": what the last prefill() ran
+        self.prefill_status: str = ""  # and why
         if graph_min_bucket < 1:
             raise ValueError(f"graph_min_bucket must be >= 1, got {graph_min_bucket}")
         self.model = model.eval()
@@ -377,17 +396,51 @@ class InferenceEngine:
 
     # ---- prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, lens: Sequence[int], *, all_logits: bool = False) -> torch.Tensor:
-        """tokens [B, T] left-aligned prompts (entries past lens[b] are padding). Fills a new cache.
-        Returns the logits of each sequence's last prompt token [B, V], or all positions [B, T, V]."""
-        B, T = tokens.shape
+    def prefill(self, tokens: torch.Tensor, lens: Sequence[int], *, all_logits: bool = False,
+                mode: str = "auto") -> torch.Tensor:
+        """tokens [B, T] left-aligned prompts (entries past lens[b] are padding). Fills the cache (new_cache).
+        Returns the logits of each sequence's last prompt token [B, V], or all positions [B, T, V].
+
+        mode: "chunked" = exact masked attention chunk by chunk (chunk_size tokens; activations bounded by the
+        chunk); "one_shot" = every layer over the whole prompt with the fast kernels (models/inference/
+        prefill.py; projections / FFN in chunks of proj_chunk / ffn_chunk tokens; activations grow with the
+        prompt; raises PrefillMemoryError on CUDA when its estimate exceeds the free memory); "auto" = one_shot
+        iff the model is on CUDA, the batch is one sequence or prompts of equal length, the prompt is longer
+        than chunk_size and the one-shot estimate fits in the free memory after the cache, else chunked (a
+        fallback for memory is logged as a warning; PrefillMemoryError when not even the chunked path fits). Both write the same cache and give
+        the same logits up to the kernels' rounding. One INFO line per call says which mode ran and why
+        (also in self.last_prefill_mode / self.prefill_status)."""
+        if mode not in pf.MODES:
+            raise ValueError(f"prefill mode must be one of {pf.MODES}, got {mode!r}")
+        B = tokens.shape[0]
         lens = [int(n) for n in lens]
+        if len(lens) != B:
+            raise ValueError(f"prefill got {len(lens)} lengths for a batch of {B}")
         if min(lens) < 1:
             raise ValueError("every prompt needs at least one token")
         if max(lens) > self.max_len:
             raise ValueError(f"prompt of {max(lens)} tokens is longer than max_len={self.max_len}")
         T = max(lens)
         tokens = tokens[:, :T]
+        self.new_cache(B)
+        free = pf.free_device_bytes(self.device) if mode != "chunked" else None
+        need1 = pf.one_shot_activation_bytes(self, B, T, all_logits=all_logits) if mode != "chunked" else 0
+        needc = pf.chunked_activation_bytes(self, B, T, all_logits=all_logits) if mode == "auto" else 0
+        run, why = pf.choose_mode(mode, B=B, lens=lens, device_type=self.device.type, need_one_shot=need1,
+                                  need_chunked=needc, free=free, chunk_size=self.chunk_size)
+        self.last_prefill_mode, self.prefill_status = run, why
+        if mode == "auto" and run == "chunked" and free is not None and need1 > free:  # a fallback for memory
+            log.warning("prefill: chunked (%s)", why)
+        else:
+            log.info("prefill: %s (%s)", run, why)
+        if run == "one_shot":
+            return pf.one_shot_prefill(self, tokens, lens, all_logits=all_logits, proj_chunk=self.proj_chunk,
+                                       ffn_chunk=self.ffn_chunk)
+        return self._prefill_chunked(tokens, lens, all_logits)
+
+    def _prefill_chunked(self, tokens: torch.Tensor, lens: list[int], all_logits: bool) -> torch.Tensor:
+        """The exact chunked prefill (tokens already cut to T = max(lens), cache allocated)."""
+        B, T = tokens.shape
         cache = self.new_cache(B)
         dev = tokens.device
         lens_t = torch.tensor(lens, device=dev)
@@ -781,11 +834,14 @@ class InferenceEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int | None = None,
-                 on_tokens: Callable[[list[int | None]], None] | None = None) -> GenerationResult:
+                 on_tokens: Callable[[list[int | None]], None] | None = None,
+                 prefill_mode: str | None = None) -> GenerationResult:
         """Generate for a batch of prompts (token lists of any lengths). Each sequence stops at a stop token
         (kept in its output), after max_new_tokens, or when the cache (max_len) is full.
-        on_tokens(list) is called after every step with the new token of each sequence (None: finished)."""
+        on_tokens(list) is called after every step with the new token of each sequence (None: finished).
+        prefill_mode: prefill()'s mode (default: the engine's prefill_mode, "auto" unless set)."""
         dev = self.model.tok_embeddings.weight.device
+        prefill_mode = self.prefill_mode if prefill_mode is None else prefill_mode
         lens = [len(pr) for pr in prompts]
         B = len(prompts)
         tok = torch.zeros(B, max(lens), dtype=torch.long, device=dev)
@@ -796,14 +852,15 @@ class InferenceEngine:
         self._reset_density()
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        logits = self.prefill(tok, lens)
+        logits = self.prefill(tok, lens, mode=prefill_mode)
         capture0 = self._graphs.capture_s if self._graphs is not None else 0.0  # (after prefill: a new cache
         # drops the old graphs; a reused one keeps them and their capture time)
         out: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
         live = [True] * B
         self._reset_density()  # the static buffers may be new (a new cache)
-        res = GenerationResult(out, lens, finished, memory=self.cache.memory_report(), decode_path=self.decode_path)
+        res = GenerationResult(out, lens, finished, memory=self.cache.memory_report(), decode_path=self.decode_path,
+                               prefill_mode=self.last_prefill_mode, prefill_status=self.prefill_status)
         steps = 0
         while max_new_tokens > 0:
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
