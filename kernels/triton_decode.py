@@ -51,9 +51,10 @@ _F32_INF_BITS = 0x7F800000  # bit pattern of +inf: above every finite non-negati
 
 # Retrieval attention kernel used by default: False = one query head per program
 # (_retrieval_attn_kernel), True = one program per (split, retrieval KV head) over the union of the
-# group's kept blocks (_retrieval_union_kernel). Not yet measured on the GPU (docs/kernels.md):
-# flip this one line once it is.
-RETRIEVAL_UNION_DEFAULT = False
+# group's kept blocks (_retrieval_union_kernel). H100, 2026-11-25 (docs/kernels.md, bench_decode, d 5%,
+# whole 1of4 layer): union faster at 32K / 128K with independent or overlapping heads and at 1M with
+# head overlap 0.8 (244.9 vs 259.3 us); slower only at 1M with independent heads (281.7 vs 270.4 us).
+RETRIEVAL_UNION_DEFAULT = True
 
 
 @dataclass(frozen=True)

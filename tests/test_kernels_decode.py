@@ -862,7 +862,7 @@ def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
     ns = __import__("argparse").Namespace(
         seq_lens=[400], densities=[0.2], modes=["graph"], dtype="fp16", device="cpu",
         decode_out=str(tmp_path / "d.json"), head_overlap=[0.5], layers=["1of4"],
-        layer_configs=["union"], parts=["retrieval"], indexer_fp8=True,
+        layer_configs=["union", "per_head"], parts=["retrieval"], indexer_fp8=True,
         retrieval_variants=["ns_auto", "union_ns_auto", "union_ns64"])
     rows = bd.run_decode_bench(ns)
     bd.print_table(rows, ns.head_overlap)
@@ -870,13 +870,14 @@ def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
     assert res["meta"]["errors"] == [] and res["meta"]["head_overlaps"] == [0.5]
     assert not any("failed" in str(v) for v in res["meta"]["checks"].values())
     by = {r["name"]: r for r in rows}
-    layer = by["rtp_1of4_d0.2_ov0.5_union"]
+    # the default layer row uses the default retrieval kernel; the other kernel gets its own row
+    union_default = td.DEFAULT_CONFIG.retrieval_union
+    layer = by["rtp_1of4_d0.2_ov0.5_" + ("default" if union_default else "union")]
     assert layer["retrieval_kernel"] == "union" and layer["head_overlap"] == 0.5
     assert layer["bytes"] == layer["bytes_detail"]["total_union"]
     det = layer["bytes_detail"]
-    assert by["rtp_1of4_d0.2_ov0.5_default"]["bytes"] == (det["total_union"]
-                                                          if td.DEFAULT_CONFIG.retrieval_union
-                                                          else det["total"])
+    per_head = by["rtp_1of4_d0.2_ov0.5_" + ("per_head" if union_default else "default")]
+    assert per_head["retrieval_kernel"] == "per_head" and per_head["bytes"] == det["total"]
     part = by["part_retrieval_attn_d0.2_ov0.5_union_ns_auto"]
     assert part["bytes"] == det["retrieval_union"] and part["block_reads"] == det["union_blocks"]
     assert by["part_retrieval_attn_d0.2_ov0.5_ns_auto"]["bytes"] == det["retrieval"]
