@@ -55,6 +55,10 @@ _F32_INF_BITS = 0x7F800000  # bit pattern of +inf: above every finite non-negati
 # whole 1of4 layer): union faster at 32K / 128K with independent or overlapping heads and at 1M with
 # head overlap 0.8 (244.9 vs 259.3 us); slower only at 1M with independent heads (281.7 vs 270.4 us).
 RETRIEVAL_UNION_DEFAULT = True
+# ... but only up to this many blocks in the cache view (4096 x 64 = 256K tokens): at 1M with independent
+# heads the per-head kernel measured faster; 0 = no limit. The rule depends only on the (static) view
+# length, so a CUDA-graph bucket always runs the same kernel.
+UNION_MAX_BLOCKS_DEFAULT = 4096
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class TritonDecodeConfig:
     num_warps: int = 4
     # GQA-union retrieval (retrieval_decode_triton): each K/V block read once per KV group
     retrieval_union: bool = RETRIEVAL_UNION_DEFAULT
+    union_max_blocks: int = UNION_MAX_BLOCKS_DEFAULT  # union only for views of <= this many blocks (0: any)
     union_num_splits: Optional[int] = None  # split-K programs per (batch, retrieval KV head)
     union_max_splits: int = 128  # few groups (1 at B=1 with one retrieval KV head): more splits
     union_tile: int = 4096  # blocks per tile of the union-list build (one program per group)
@@ -85,6 +90,11 @@ class TritonDecodeConfig:
 
 
 DEFAULT_CONFIG = TritonDecodeConfig()
+
+
+def uses_union(cfg: TritonDecodeConfig, n_blocks: int) -> bool:
+    """Whether retrieval attention runs the GQA-union kernel for a cache view of n_blocks blocks."""
+    return bool(cfg.retrieval_union) and (cfg.union_max_blocks <= 0 or n_blocks <= cfg.union_max_blocks)
 DENSE_CONFIG = TritonDecodeConfig(max_splits=128)  # dense_decode_triton (the whole cache, few KV heads)
 
 
@@ -842,7 +852,7 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
         return out
     lens = _lens_i32(cache_lens)
     mask_u8 = block_mask.view(torch.uint8)
-    if cfg.retrieval_union:  # the union kernel builds its own visit lists from the mask
+    if uses_union(cfg, block_mask.shape[-1]):  # the union kernel builds its own visit lists from the mask
         return _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, out,
                                        window=window, sinks=sinks, block_size=block_size,
                                        scale=scale, cfg=cfg, q_heads=q_heads, counters=counters)

@@ -329,8 +329,8 @@ def edge_checks(device="cuda") -> dict:
                 "ssel_k16_1d": C(search_arity=16, select_max_2d=256),
                 "no_overlap_ns3": C(overlap_local=False, num_splits=3, local_num_splits=3),
                 "fused_ns64": C(fused_reduction=True, num_splits=64, local_num_splits=64),
-                "union": C(retrieval_union=True),
-                "union_fused_ns3": C(retrieval_union=True, fused_reduction=True,
+                "union": C(retrieval_union=True, union_max_blocks=0),
+                "union_fused_ns3": C(retrieval_union=True, fused_reduction=True, union_max_blocks=0,
                                      union_num_splits=3),
                 "per_head": C(retrieval_union=False)}
     res = {}
@@ -430,8 +430,8 @@ def run_decode_bench(args) -> list[dict]:
     base = C()  # the defaults: separate select (arity 4), 2-launch merges, local on a side stream
     configs = {  # whole-layer variants; the retrieval kernel that is not the default is added
         "default": base,
-        "per_head" if base.retrieval_union else "union":
-            C(retrieval_union=not base.retrieval_union),
+        "per_head": C(retrieval_union=False),
+        "union": C(retrieval_union=True, union_max_blocks=0),
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
@@ -452,11 +452,11 @@ def run_decode_bench(args) -> list[dict]:
                     "ns32": C(retrieval_union=False, num_splits=32),
                     "ns128": C(retrieval_union=False, num_splits=128, max_splits=128),
                     # GQA union: each block once per KV group (auto = min(4 x SMs / groups, 128))
-                    "union_ns_auto": C(retrieval_union=True),
-                    "union_ns64": C(retrieval_union=True, union_num_splits=64),
-                    "union_ns256": C(retrieval_union=True, union_num_splits=256,
+                    "union_ns_auto": C(retrieval_union=True, union_max_blocks=0),
+                    "union_ns64": C(retrieval_union=True, union_num_splits=64, union_max_blocks=0),
+                    "union_ns256": C(retrieval_union=True, union_num_splits=256, union_max_blocks=0,
                                      union_max_splits=256),
-                    "union_w8": C(retrieval_union=True, union_num_warps=8)}
+                    "union_w8": C(retrieval_union=True, union_num_warps=8, union_max_blocks=0)}
     keep_retr = getattr(args, "retrieval_variants", None)
     if keep_retr:
         unknown = set(keep_retr) - set(retr_configs)
@@ -477,7 +477,9 @@ def run_decode_bench(args) -> list[dict]:
                 torch=torch.__version__, triton=__import__("triton").__version__,
                 dtype=str(dtype), window=WINDOW, sinks=SINKS, block=BLOCK, top_p=TOP_P,
                 copy_tbps=COPY_TBPS, checks=checks, errors=[],
-                default_retrieval_kernel="union" if base.retrieval_union else "per_head",
+                default_retrieval_kernel=(f"union up to {base.union_max_blocks} blocks, else per_head"
+                                          if base.retrieval_union and base.union_max_blocks > 0
+                                          else "union" if base.retrieval_union else "per_head"),
                 head_overlaps=overlaps, parts=sorted(parts), indexer_fp8=fp8)
 
     def save():
@@ -555,11 +557,12 @@ def run_decode_bench(args) -> list[dict]:
             cfg = configs[cname]
             step = lambda cfg=cfg: sd.rtpurbo_decode(  # noqa: E731
                 **largs, impl="triton", config=cfg)
-            nb_total = nbytes["total_union"] if cfg.retrieval_union else nbytes["total"]
+            u = td.uses_union(cfg, -(-L // BLOCK))
+            nb_total = nbytes["total_union"] if u else nbytes["total"]
             for mode in modes:
                 add(f"{lname}{suffix}_{cname}", L, timed(step, mode), dense_ms[mode],
                     nb_total, mode, config=cname,
-                    retrieval_kernel="union" if cfg.retrieval_union else "per_head", **extra)
+                    retrieval_kernel="union" if u else "per_head", **extra)
         # parts, timed as CUDA graphs: kernel time without Python launch overhead
         if n_groups:
             sel_args = (largs["qi"], largs["ki_cache"], largs["cache_lens"])
@@ -610,12 +613,13 @@ def run_decode_bench(args) -> list[dict]:
                         checks[f"{key}_retrieval_{cname}"] = dict(failed=f"rel err {err:.2e}")
                         print(f"  CHECK FAILED {key} retrieval {cname}: rel err {err:.2e} vs "
                               "the per-head kernel", flush=True)
-                    nb_r = nbytes["retrieval_union"] if cfg.retrieval_union else nbytes["retrieval"]
+                    u = td.uses_union(cfg, -(-L // BLOCK))
+                    nb_r = nbytes["retrieval_union"] if u else nbytes["retrieval"]
                     add_part(f"part_retrieval_attn{suffix}_{cname}", L, att, g_ms, nb_r,
                              config=cname, rel_err_vs_per_head=err,
-                             retrieval_kernel="union" if cfg.retrieval_union else "per_head",
+                             retrieval_kernel="union" if u else "per_head",
                              head_overlap=overlap, block_reads=nbytes["union_blocks"]
-                             if cfg.retrieval_union else nbytes["per_head_blocks"])
+                             if u else nbytes["per_head_blocks"])
                 # the union kernel's visit-list build alone (part of union_ns_auto above)
                 ul = lambda: td.union_visit_lists(  # noqa: E731
                     s.block_mask, largs["cache_lens"], largs["kv_head_of_r"], window=WINDOW,

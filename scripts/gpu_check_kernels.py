@@ -258,9 +258,10 @@ def check_decode(ck: Checker, dev):
     # kernels (the one that is not the default is added; on CUDA also the union kernel with 3
     # splits and the last-program merge)
     layer_variants = dict(variants)
-    extra = {"union": C(retrieval_union=True), "per_head": C(retrieval_union=False)}
+    extra = {"union": C(retrieval_union=True, union_max_blocks=0), "per_head": C(retrieval_union=False)}
     if cuda:
-        extra["union_fused_ns3"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3)
+        extra["union_fused_ns3"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3,
+                                     union_max_blocks=0)
     for name, cfg in extra.items():
         if cfg not in layer_variants.values():
             layer_variants[name] = cfg

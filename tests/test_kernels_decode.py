@@ -870,14 +870,17 @@ def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
     assert res["meta"]["errors"] == [] and res["meta"]["head_overlaps"] == [0.5]
     assert not any("failed" in str(v) for v in res["meta"]["checks"].values())
     by = {r["name"]: r for r in rows}
-    # the default layer row uses the default retrieval kernel; the other kernel gets its own row
-    union_default = td.DEFAULT_CONFIG.retrieval_union
-    layer = by["rtp_1of4_d0.2_ov0.5_" + ("default" if union_default else "union")]
+    layer = by["rtp_1of4_d0.2_ov0.5_union"]
     assert layer["retrieval_kernel"] == "union" and layer["head_overlap"] == 0.5
     assert layer["bytes"] == layer["bytes_detail"]["total_union"]
     det = layer["bytes_detail"]
-    per_head = by["rtp_1of4_d0.2_ov0.5_" + ("per_head" if union_default else "default")]
+    per_head = by["rtp_1of4_d0.2_ov0.5_per_head"]
     assert per_head["retrieval_kernel"] == "per_head" and per_head["bytes"] == det["total"]
+    # the default row is labelled (and its bytes counted) by the kernel the default rule picks at L 400
+    default = by["rtp_1of4_d0.2_ov0.5_default"]
+    want = "union" if td.uses_union(td.DEFAULT_CONFIG, -(-400 // 16)) else "per_head"
+    assert default["retrieval_kernel"] == want
+    assert default["bytes"] == (det["total_union"] if want == "union" else det["total"])
     part = by["part_retrieval_attn_d0.2_ov0.5_union_ns_auto"]
     assert part["bytes"] == det["retrieval_union"] and part["block_reads"] == det["union_blocks"]
     assert by["part_retrieval_attn_d0.2_ov0.5_ns_auto"]["bytes"] == det["retrieval"]
@@ -934,3 +937,14 @@ def test_decode_rows_topk_baseline_and_density():
             assert torch.allclose(out[:, :, m - 140], want)
         assert torch.allclose(dens.double(), chosen / n_free)
         assert (dens == 1.0).all() if p == 1.0 else ((dens > 0) & (dens < 1)).all()
+
+
+def test_union_rule_by_view_length():
+    """The GQA-union kernel runs for views of at most union_max_blocks blocks (0: any), per-head beyond."""
+    from kernels import triton_decode as tdm
+
+    C = tdm.TritonDecodeConfig
+    assert tdm.uses_union(C(retrieval_union=True, union_max_blocks=4096), 4096)
+    assert not tdm.uses_union(C(retrieval_union=True, union_max_blocks=4096), 4097)
+    assert tdm.uses_union(C(retrieval_union=True, union_max_blocks=0), 1 << 20)
+    assert not tdm.uses_union(C(retrieval_union=False, union_max_blocks=0), 16)
