@@ -12,7 +12,9 @@ CUDA (or under TRITON_INTERPRET=1 in the CPU tests).
                 the router logits (ffn_norm + gate) and the output head (final norm + head).
   qk_norm_rope  per (head, token): QK-RMSNorm, rotate-half RoPE with the step's cos/sin, and the KV-cache
                 writes at the token's position (full cache heads at `pos`, ring heads at `pos % W`, sinks
-                while pos < sinks), from the fused projection's output row.
+                while pos < sinks), from the fused projection's output row. It does not touch the RTPurbo
+                indexer keys: the engine projects them from k_pre and writes them (with the saturating fp8
+                cast when indexer_cache_dtype="float8_e4m3fn") in torch, after this kernel.
   router_topk   softmax over the router logits (fp32), top-k (ties: lower expert id first), optional
                 renormalisation of the k weights.
 

@@ -63,6 +63,13 @@ layer count), margin = 1 GiB (graphs, workspaces, fragmentation). "decode-only" 
   python scripts/bench_inference.py --decode-only --out d.json   # decode only: attention vs rest, fused vs modules
   python scripts/bench_inference.py --out bench_inference.json   # the benchmark (H100: several minutes)
   python scripts/bench_inference.py --smoke --out /tmp/s.json    # CPU, tiny shapes, seconds
+
+--indexer-fp8: the RTPurbo engine caches its indexer keys in float8_e4m3fn (InferenceEngine(indexer_cache_dtype=
+"float8_e4m3fn"), docs/inference.md "fp8 indexer keys"); the dense model is unchanged. The header, every
+rtpurbo row ("indexer_cache_dtype") and the JSON meta say so. With --check it adds, per RTPurbo model, an fp8
+engine next to the bf16 one: its prefilled indexer keys vs the bf16 keys cast to fp8, its graph decode vs the
+eager reference on the same fp8 keys (PASS/FAIL), and, for information, greedy-token agreement and kept density
+vs the bf16 graph decode over the same teacher-forced steps.
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ if __package__ in (None, ""):
 from kernels import sparse_decode as sd  # noqa: E402
 from models.inference import InferenceEngine, RoleKVCache  # noqa: E402
 from models.inference.engine import _moe_static  # noqa: E402
+from models.inference.kv_cache import indexer_store_cast  # noqa: E402
 from models.inference.prefill import dense_causal, local_window, one_shot_prefill  # noqa: E402
 from models.qwen3.args import Qwen3ModelArgs, get_flavor  # noqa: E402
 from models.qwen3.model import Qwen3Model  # noqa: E402
@@ -96,6 +104,17 @@ GIB = 2**30
 MARGIN = 1 * GIB
 FUSED_OPT = {"auto": None, "on": True, "off": False}
 FULL_MODEL_LAYERS = 48  # Qwen3-30B-A3B
+FP8 = "float8_e4m3fn"
+
+
+def indexer_opt(args, kind: str) -> str | None:
+    """InferenceEngine(indexer_cache_dtype=...) for a model kind: fp8 for the RTPurbo model with --indexer-fp8."""
+    return FP8 if getattr(args, "indexer_fp8", False) and kind == "rtpurbo" else None
+
+
+def indexer_torch_dtype(args, kind: str):
+    opt = indexer_opt(args, kind)
+    return getattr(torch, opt) if opt is not None else None
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -324,7 +343,7 @@ def plant_density(eng: InferenceEngine, tok: torch.Tensor, density: float, seed:
             hot = torch.zeros(nb, device=cache.device)
             hot[torch.randperm(nb, device=cache.device, generator=gen)[:n_hot]] = 1.0
             s = delta * hot.repeat_interleave(bs)[:T] + 0.3 * torch.randn(T, device=cache.device, generator=gen)
-            cache.ki[li][0, h, :T] = (s[:, None] * u[h][None, :]).to(cache.ki[li].dtype)
+            cache.ki[li][0, h, :T] = indexer_store_cast(s[:, None] * u[h][None, :], cache.ki[li].dtype)
 
 
 @torch.no_grad()
@@ -521,11 +540,12 @@ def run_one(model, kind, T, args, dev, free0, stats_acc) -> dict:
     N = len(model.layers)
     eng = InferenceEngine(model, max_len=T + args.decode_margin, cuda_graph=(True if dev.type == "cuda" else None),
                           static_decode=True, track_density=False, graph_min_bucket=args.graph_min_bucket,
-                          fused_decode=FUSED_OPT[args.fused])
+                          fused_decode=FUSED_OPT[args.fused], indexer_cache_dtype=indexer_opt(args, kind))
     row = dict(model=kind, seq_len=T, layers=N, graph_status=eng.graph_status, decode_path=eng.decode_path,
-               decode_layers=eng.fused_status)
-    est = RoleKVCache.estimate(model, 1, T + args.decode_margin)
+               decode_layers=eng.fused_status, indexer_cache_dtype=eng.indexer_cache_dtype)
+    est = RoleKVCache.estimate(model, 1, T + args.decode_margin, indexer_dtype=indexer_torch_dtype(args, kind))
     row.update(kv_cache_bytes=est["total_bytes"], kv_bytes_per_token=est["bytes_per_token"],
+               kv_indexer_bytes_per_token=est["indexer_bytes_per_token"],
                kv_fixed_bytes=est["fixed_bytes_per_sequence"], kv_ratio_vs_dense=est["ratio_vs_dense"])
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     tokens = torch.randint(0, model.args.vocab_size, (1, T), device=dev, generator=gen)
@@ -647,7 +667,8 @@ def _us(r, key):
 
 
 def print_table(res: dict) -> None:
-    print("\n| model | T | fill | prefill ms (all layers) | prefill ms / layer | by layer kind | decode us / step | "
+    print(f"\nindexer keys of the rtpurbo model cached in {res['meta']['rtpurbo'].get('indexer_cache_dtype')}")
+    print("| model | T | fill | prefill ms (all layers) | prefill ms / layer | by layer kind | decode us / step | "
           "decode us / layer | step wall us | kept density | KV cache |")
     print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in res["results"]:
@@ -1025,9 +1046,11 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
     for e in (e_ref, e_gr, e_st, e_mod):
         e.track_density = True
     errs_ref, errs_st, errs_mod, agree = [], [], [], 0
+    gr_logits = []
     for s in range(steps):
         t = tok_seq[s:s + 1]
         a, b, c, d = e_gr.decode_step(t), e_ref.decode_step(t), e_st.decode_step(t), e_mod.decode_step(t)
+        gr_logits.append(a.clone())
         errs_ref.append(rel_max(a, b))
         errs_st.append(rel_max(a, c))
         errs_mod.append(rel_max(a, d))
@@ -1058,7 +1081,75 @@ def _check_model(args, kind, dev, dtype, g, T0, steps, max_len, report, results,
         print(f"  info (MoE routing flips on bf16 rounding, so no tolerance): bench prefill vs engine prefill "
               f"logits {e_pf:.2e}, cache {e_pc:.2e}; graph decode vs reference decode {max(errs_ref):.2e}; vs the "
               f"modules' static step {max(errs_mod):.2e} (per step: {', '.join(f'{x:.1e}' for x in errs_mod)})")
+    if indexer_opt(args, kind) is not None and any(p.retrieval for p in e_gr.cache.plans):
+        ki16 = [None if t is None else t[:, :, :T0].clone() for t in e_gr.cache.ki]
+        for e in (e_ref, e_st, e_mod):
+            e.reset()
+        _check_fp8(args, tag, dev, mk, tokens, tok_seq, T0, steps, ki16, gr_logits, dg, report, results, moe)
     for e in (e_ref, e_gr, e_st, e_mod):
+        e.reset()
+
+
+def _check_fp8(args, tag, dev, mk, tokens, tok_seq, T0, steps, ki16, gr_logits, dens16, report, results, moe):
+    """--check --indexer-fp8: an engine with fp8 indexer keys, prefilled by the bench prefill, vs (a) the bf16
+    engine's prefilled keys cast to fp8, (b) the eager reference path on the same fp8 keys (pure-torch selection
+    on the upcast keys), and for information (c) the bf16 graph decode: greedy-token agreement, logits and kept
+    density over the same teacher-forced steps."""
+    e8 = mk(cuda_graph=True if dev.type == "cuda" else None, static_decode=True, indexer_cache_dtype=FP8)
+    e8r = mk(cuda_graph=False, impl="torch", indexer_cache_dtype=FP8)
+    fast_prefill(e8, tokens, args)
+    _copy_cache(e8, e8r)
+    n_bad = n_all = 0
+    nan, dt_ok = False, True
+    for a, b in zip(e8.cache.ki, ki16):
+        if a is None:
+            continue
+        dt_ok = dt_ok and a.dtype == torch.float8_e4m3fn
+        ref = indexer_store_cast(b, a.dtype).view(torch.uint8)
+        got = a[:, :, :T0].view(torch.uint8)
+        n_bad += int((got != ref).sum())
+        n_all += got.numel()
+        nan = nan or bool(a[:, :, :T0].float().isnan().any())
+    ib = e8.cache.memory_report()["indexer_bytes_per_token"]
+    t16 = next(t for t in ki16 if t is not None)
+    print(f"  fp8 indexer keys: {e8.indexer_cache_dtype}, {ib} B/token ({str(t16.dtype).replace('torch.', '')}: "
+          f"{ib * t16.element_size()}); prefilled keys differing "
+          f"from the bf16 keys cast to fp8: {n_bad}/{n_all}; NaN: {nan}")
+    report(f"{tag} fp8: prefilled fp8 indexer keys != bf16 keys cast to fp8 (fraction)",
+           n_bad / max(n_all, 1), 1e-3)
+    for name, ok in ((f"{tag} fp8: the indexer caches are float8_e4m3fn", dt_ok),
+                     (f"{tag} fp8: no NaN in the fp8 indexer keys", not nan)):
+        results.append((name, ok))
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}", flush=True)
+    for e in (e8, e8r):
+        e.track_density = True
+    errs_ref, errs_16, agree_ref, agree_16 = [], [], 0, 0
+    for s in range(steps):
+        t = tok_seq[s:s + 1]
+        a, b = e8.decode_step(t), e8r.decode_step(t)
+        errs_ref.append(rel_max(a, b))
+        errs_16.append(rel_max(a, gr_logits[s]))
+        agree_ref += int(a.argmax() == b.argmax())
+        agree_16 += int(a.argmax() == gr_logits[s].argmax())
+    d8, d8r = e8.mean_density(), e8r.mean_density()
+    ng = len(e8._graphs.graphs) if e8._graphs is not None else 0
+    print(f"  fp8: decode path {e8.decode_path} ({ng} graphs); greedy token agreement fp8 graph vs bf16 graph "
+          f"{agree_16}/{steps} (info), vs the fp8 eager reference {agree_ref}/{steps}; kept density fp8 {d8} vs "
+          f"bf16 {dens16} (info) vs fp8 reference {d8r}; logits fp8 vs bf16 rel max err (worst step) "
+          f"{max(errs_16):.2e} (info)")
+    if dev.type == "cuda":
+        ok = e8.decode_path == "graph" and ng == 2
+        results.append((f"{tag} fp8: decode ran as CUDA graphs (2 buckets)", ok))
+        print(f"  {'PASS' if ok else 'FAIL'}  {tag} fp8: decode ran as CUDA graphs over 2 buckets ({ng} captured)")
+    if not moe:
+        report(f"{tag} fp8: graph decode vs eager reference decode on the same fp8 keys, logits rel max err "
+               f"(worst step)", max(errs_ref), 3e-2)
+        if d8 is not None and d8r is not None:
+            report(f"{tag} fp8: kept density graph vs reference, abs diff", abs(d8 - d8r), 2e-2)
+    else:
+        print(f"  info (MoE routing flips on bf16 rounding): fp8 graph vs fp8 eager reference logits "
+              f"{max(errs_ref):.2e}")
+    for e in (e8, e8r):
         e.reset()
 
 
@@ -1107,6 +1198,9 @@ def parse_args(argv=None):
                     help="--check: also time the dense decode kernel vs cuDNN at these lengths (info)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--indexer-fp8", action="store_true",
+                    help="rtpurbo model: indexer keys cached in float8_e4m3fn (engine indexer_cache_dtype); with "
+                         "--check: fp8 vs bf16 decode checks")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     if args.decode_only:
@@ -1188,7 +1282,8 @@ def main(argv=None) -> int:
         rtpurbo=dict(retrieval_layers=retrieval_layers(args.layers, args.retrieval_layer_frac),
                      retrieval_group=args.retrieval_group, window=args.window, sinks=args.sinks, block=args.block,
                      top_p=args.top_p, indexer_dim=args.indexer_dim, planted_decode_density=args.density,
-                     retrieval_prefill=args.retrieval_prefill),
+                     retrieval_prefill=args.retrieval_prefill,
+                     indexer_cache_dtype=FP8 if args.indexer_fp8 else f"{str(dtype).replace('torch.', '')} (model)"),
         args=vars(args)), results=[], notes=[])
     try:
         import triton
@@ -1202,15 +1297,17 @@ def main(argv=None) -> int:
     act_acc: dict = {}
     for kind in args.models:
         model = build_stack(args, kind, dev, dtype)
-        est = RoleKVCache.estimate(model, 1, max(args.seq_lens) + args.decode_margin)  # (rings need max_len)
+        est = RoleKVCache.estimate(model, 1, max(args.seq_lens) + args.decode_margin,  # (rings need max_len)
+                                   indexer_dtype=indexer_torch_dtype(args, kind))
         models_info[kind] = dict(weights_bytes=param_bytes(model), kv_bytes_per_token=est["bytes_per_token"],
                                  kv_fixed_bytes=est["fixed_bytes_per_sequence"])
         from models.inference.kv_cache import plan_layers
 
         kinds = [("dense" if not p.rtpurbo else f"rtp_{len(p.full_kv) if p.retrieval else 0}of{p.n_kv_heads}")
                  for p in plan_layers(model, max(args.seq_lens) + args.decode_margin)]
+        ix = f", indexer keys {FP8} ({est['indexer_bytes_per_token']} B/token)" if indexer_opt(args, kind) else ""
         print(f"{kind}: {args.layers} layers ({kinds}), "
-              f"{param_bytes(model) / GIB:.2f} GiB of weights; warm-up at T={warm_T}", flush=True)
+              f"{param_bytes(model) / GIB:.2f} GiB of weights{ix}; warm-up at T={warm_T}", flush=True)
         run_args = args
         try:
             run_one(model, kind, warm_T, args, dev, free0, {})

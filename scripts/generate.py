@@ -6,11 +6,12 @@ with the role-aware KV cache and sparse decode of models/inference/ (see docs/in
 
 Streams the text to stdout; the statistics (prompt tokens, time to first token, decode tokens/s, KV memory,
 mean kept density of the retrieval heads, which prefill mode ran and why, whether the decode step ran as CUDA
-graphs and why not) go to stderr at the end. On CUDA the decode step is a CUDA graph by default (--cuda-graph
-auto|on|off) and the prefill runs every layer over the whole prompt with the fast kernels when it fits
-(--prefill auto|chunked|one_shot). Bad inputs (missing / corrupt checkpoint, tokenizer vocabulary larger than
-the model's, prompt longer than --max-len, KV cache or a required one-shot prefill too large) print one
-"error: ..." line and exit with code 2.
+graphs and why not) go to stderr at the end. --indexer-fp8 caches the RTPurbo indexer keys in float8_e4m3fn.
+On CUDA the decode step is a CUDA graph by default (--cuda-graph auto|on|off) and the prefill runs every layer
+over the whole prompt with the fast kernels when it fits (--prefill auto|chunked|one_shot). Bad inputs (missing /
+corrupt checkpoint, tokenizer vocabulary larger than the model's, prompt longer than --max-len, KV cache or a
+required one-shot prefill too large, --indexer-fp8 where fp8 keys cannot run) print one "error: ..." line and
+exit with code 2.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def parse_args(argv=None):
                     help="prefill mode: one_shot = every layer over the whole prompt with the fast kernels "
                          "(activations grow with the prompt), chunked = exact, --chunk-size tokens at a time; "
                          "auto (default) = one_shot on CUDA when it fits in memory, else chunked")
+    ap.add_argument("--indexer-fp8", action="store_true",
+                    help="cache the RTPurbo indexer keys in float8_e4m3fn (half the indexer bytes; stored unscaled, "
+                         "saturated to +-448; docs/inference.md 'fp8 indexer keys'); no effect on a dense model")
     return ap.parse_args(argv)
 
 
@@ -123,8 +127,13 @@ def main(argv=None) -> int:
         graphs = {"auto": None, "on": True, "off": False}[args.cuda_graph]
         if graphs and not str(args.device).startswith("cuda"):
             raise UsageError(f"--cuda-graph on needs a CUDA device (--device is {args.device})")
-        eng = InferenceEngine(model, max_len=args.max_len, chunk_size=args.chunk_size, memory_limit_bytes=limit,
-                              cuda_graph=graphs, prefill_mode=args.prefill)
+        try:
+            eng = InferenceEngine(model, max_len=args.max_len, chunk_size=args.chunk_size, memory_limit_bytes=limit,
+                                  cuda_graph=graphs, prefill_mode=args.prefill,
+                                  indexer_cache_dtype="float8_e4m3fn" if args.indexer_fp8 else None)
+        except ValueError as e:  # e.g. --indexer-fp8 on a device that cannot store / score fp8 keys
+            raise UsageError(f"{e} (--indexer-fp8)" if args.indexer_fp8 and "indexer_cache_dtype" in str(e)
+                             else str(e)) from None
         out: list[int] = []
         shown = [""]
 
@@ -165,7 +174,8 @@ def main(argv=None) -> int:
           f"time to first token: {res.ttft_s * 1e3:.1f} ms | decode: {res.decode_tokens} tokens in "
           f"{res.decode_s:.3f} s = {res.decode_tokens_per_s:.1f} tokens/s{capture}\n"
           f"KV cache: {m['total_bytes'] / 2**20:.2f} MiB for max_len {m['max_len']} "
-          f"(dense {m['dense_total_bytes'] / 2**20:.2f} MiB); {m['bytes_per_token']} B/token + "
+          f"(dense {m['dense_total_bytes'] / 2**20:.2f} MiB); {m['bytes_per_token']} B/token (indexer keys "
+          f"{m['indexer_bytes_per_token']} B, {res.indexer_cache_dtype}) + "
           f"{m['fixed_bytes_per_sequence']} B fixed vs dense {m['dense_bytes_per_token']} B/token\n"
           f"mean kept density (retrieval heads, decode): {dens}\n"
           f"prefill: {res.prefill_mode} ({res.prefill_status}) | decode path: {res.decode_path}; "

@@ -42,6 +42,14 @@ Two decode paths, same results (tests/test_inference.py compares them token for 
   all KV-cache writes; wo + residual; norm + router logits; softmax top-k; experts read in place, 2 kernels).
   The CPU static path and the eager path keep the model's modules (the tests compare the two in Triton's
   CPU interpreter).
+
+fp8 indexer keys (`indexer_cache_dtype="float8_e4m3fn"`): the cache stores the retrieval heads' indexer keys
+in float8_e4m3fn (1 B instead of 2 per element in bf16), so decode scoring reads half the indexer bytes. The
+keys are computed in the model dtype as before and stored unscaled by a saturating cast (clamp to +-448, then
+cast: kv_cache.indexer_store_cast) at every write: chunked and one-shot prefill, eager and static decode
+(the fused step too: its indexer projection and ki write are this engine's torch code, not a kernel).
+Scoring upcasts the fp8 keys (Triton kernel and torch reference alike), the indexer queries stay in the model
+dtype; selection is the same rule on the dequantised keys.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import torch.nn.functional as F
 from kernels import sparse_decode as sd
 from models.inference import prefill as pf
 from models.inference.cuda_graph import DecodeGraphs, GraphCaptureError, bucket_length
-from models.inference.kv_cache import LayerPlan, RoleKVCache
+from models.inference.kv_cache import FP8_E4M3_MAX, LayerPlan, RoleKVCache, indexer_store_cast
 from models.qwen3.rope import apply_rope, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,7 @@ class GenerationResult:
     decode_layers: str = ""  # fused Triton kernels or the model's torch modules, and why (fused_status)
     prefill_mode: str = ""  # "one_shot" | "chunked": the prefill that ran (InferenceEngine.last_prefill_mode)
     prefill_status: str = ""  # why that mode (InferenceEngine.prefill_status)
+    indexer_cache_dtype: str = ""  # dtype of the cached indexer keys (InferenceEngine.indexer_cache_dtype)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -209,6 +218,50 @@ def _write_ring_and_sinks(cache, li: int, sinks: int, kr, vr, pos, ar) -> None:
     cache.sink_k[li][ar, :, ss] = torch.where(is_sink, kr, cache.sink_k[li][ar, :, ss])
     cache.sink_v[li][ar, :, ss] = torch.where(is_sink, vr, cache.sink_v[li][ar, :, ss])
 
+INDEXER_CACHE_DTYPES = ("float8_e4m3fn",)  # InferenceEngine(indexer_cache_dtype=...) besides None
+
+
+def fp8_capability_reason(capability: tuple[int, int]) -> str | None:
+    """Why the Triton indexer-scoring kernel cannot load float8_e4m3fn keys on a GPU of this compute
+    capability (None: it can). Triton's tl.float8e4nv needs sm_89+ (Ada, Hopper and later)."""
+    if tuple(capability) < (8, 9):
+        return (f"the Triton indexer-scoring kernel loads the keys as float8e4nv, which needs compute capability "
+                f">= 8.9 (this GPU is sm_{capability[0]}{capability[1]}); impl='torch' scores fp8 keys with the "
+                f"torch reference instead")
+    return None
+
+
+def resolve_indexer_cache_dtype(option, device, impl: str = "auto") -> torch.dtype | None:
+    """InferenceEngine(indexer_cache_dtype=option) -> the cache's indexer-key dtype (None: the model dtype).
+    option: None or "float8_e4m3fn" (or torch.float8_e4m3fn). Raises ValueError naming the option when the
+    name is unknown, this torch has no such dtype, the device cannot store / cast it, or (CUDA, impl != "torch")
+    the GPU's Triton cannot load it."""
+    if option is None:
+        return None
+    name = option.replace("torch.", "") if isinstance(option, str) else str(option).replace("torch.", "")
+    if name not in INDEXER_CACHE_DTYPES:
+        raise ValueError(f"indexer_cache_dtype must be None (the model dtype) or one of {INDEXER_CACHE_DTYPES}, "
+                         f"got {option!r}")
+    dt = getattr(torch, name, None)
+    if dt is None:
+        raise ValueError(f"indexer_cache_dtype={name!r}: this torch ({torch.__version__}) has no torch.{name}")
+    device = torch.device(device)
+    why = None
+    try:  # a store and a read-back of saturated values on the device itself
+        x = torch.tensor([1.0, -1000.0, 3.0], device=device)
+        back = indexer_store_cast(x, dt).float().cpu().tolist()
+        if back != [1.0, -FP8_E4M3_MAX, 3.0]:
+            why = f"a saturating cast to {name} on {device} read back {back}, not [1.0, -448.0, 3.0]"
+    except Exception as e:  # noqa: BLE001 - reported
+        why = f"{device.type} cannot store / cast {name} ({type(e).__name__}: {str(e)[:200]})"
+    if why is None and device.type == "cuda" and impl != "torch":
+        why = fp8_capability_reason(torch.cuda.get_device_capability(device))
+    if why is not None:
+        raise ValueError(f"indexer_cache_dtype={name!r} is not supported here: {why}; use indexer_cache_dtype=None "
+                         f"(indexer keys in the model dtype)")
+    return dt
+
+
 class InferenceEngine:
     """model: a Qwen3Model (dense or RTPurbo-converted), in eval mode, on its device and dtype.
 
@@ -229,6 +282,10 @@ class InferenceEngine:
         TRITON_INTERPRET=1); False = off. One INFO log line says which and why (`fused_status`).
         The fused QKV weight is a concatenated copy of wq/wk/wv (built here; reset() rebuilds it after a
         weight change): (Hq + 2 Hkv) * head_dim * dim elements per layer more memory.
+    indexer_cache_dtype: None (default) = the retrieval heads' indexer keys are cached in the model dtype;
+        "float8_e4m3fn" = cached in fp8, stored unscaled with a saturating cast (clamp to +-448), read back by
+        upcasting (see the module doc). Raises ValueError when the device (or, on CUDA with impl != "torch",
+        the GPU's Triton: sm_89+) cannot handle it. No effect on layers without retrieval heads.
     The cache is kept between calls with the same batch size (so are the graphs, which point into it);
     reset() drops both (needed after changing the model's RTPurbo settings, e.g. top_p)."""
 
@@ -236,7 +293,7 @@ class InferenceEngine:
                  memory_limit_bytes: int | None = None, impl: str = "auto", cuda_graph: bool | None = None,
                  static_decode: bool | None = None, graph_min_bucket: int = 2048, track_density: bool = True,
                  fused_decode: bool | None = None, prefill_mode: str = "auto", proj_chunk: int = 65536,
-                 ffn_chunk: int = 16384):
+                 ffn_chunk: int = 16384, indexer_cache_dtype: str | torch.dtype | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if proj_chunk < 1 or ffn_chunk < 1:
@@ -257,6 +314,10 @@ class InferenceEngine:
         self.cache: RoleKVCache | None = None
         self.layers = list(model.layers.values())
         self.device = model.tok_embeddings.weight.device
+        self.indexer_dtype = resolve_indexer_cache_dtype(indexer_cache_dtype, self.device, impl)
+        if self.indexer_dtype is not None:
+            log.info("indexer keys cached in %s (unscaled, saturated to +-%g)", self.indexer_cache_dtype,
+                     FP8_E4M3_MAX)
         self.graph_min_bucket = int(graph_min_bucket)
         self.track_density = bool(track_density)
         self._density_sum = 0.0
@@ -341,6 +402,12 @@ class InferenceEngine:
         return self._fused_w
 
     @property
+    def indexer_cache_dtype(self) -> str:
+        """Dtype name of the cached indexer keys ("float8_e4m3fn", or the model dtype's, e.g. "bfloat16")."""
+        dt = self.indexer_dtype or self.model.tok_embeddings.weight.dtype
+        return str(dt).replace("torch.", "")
+
+    @property
     def decode_path(self) -> str:
         """"graph", "static" (the graph-safe step run eagerly) or "eager"."""
         if self.static_decode:
@@ -355,7 +422,8 @@ class InferenceEngine:
         if self.cache is not None and self.cache.B == int(batch_size):
             return self.cache
         self._drop_state()
-        self.cache = RoleKVCache(self.model, batch_size, self.max_len, memory_limit_bytes=self.memory_limit_bytes)
+        self.cache = RoleKVCache(self.model, batch_size, self.max_len, memory_limit_bytes=self.memory_limit_bytes,
+                                 indexer_dtype=self.indexer_dtype)
         return self.cache
 
     def reset(self) -> None:
@@ -483,7 +551,7 @@ class InferenceEngine:
             cache.v[li][:, :, c0:c1] = v[:, p.full_kv]
         if p.retrieval:
             _, ki = attn.inner_attention.indexer(q_pre, k_pre)
-            cache.ki[li][:, :, c0:c1] = ki
+            cache.store_indexer_keys(li, (slice(None), slice(None), slice(c0, c1)), ki)
         heads_f = p.retrieval + p.local_full
         if heads_f:
             kidx = p.full_index(heads_f)
@@ -574,7 +642,7 @@ class InferenceEngine:
         V = cache.v[li][:, :, :L] if p.full_kv else None
         if p.retrieval:
             qi, ki = attn.inner_attention.indexer(q_pre, k_pre)
-            cache.ki[li][ar, :, pos] = ki[:, :, 0]
+            cache.store_indexer_keys(li, (ar, slice(None), pos), ki[:, :, 0])
             mask = sd.select_decode_blocks(qi[:, :, 0], cache.ki[li][:, :, :L], lens1, top_p=p.top_p,
                                            block_size=p.block_size, window=p.window, sinks=p.sinks, impl=self.impl)
             out[:, p.retrieval] = sd.retrieval_decode(
@@ -785,7 +853,7 @@ class InferenceEngine:
             kh = _take(k_pre, 1, ix.ix_kv).to(ixm.wk.dtype)
             qi = torch.einsum("bhtd,hrd->bhtr", qh, ixm.wq)  # = LayerIndexer.forward, without list indexing
             ki = torch.einsum("bhtd,hrd->bhtr", kh, ixm.wk)
-            cache.ki[li][ar, :, pos] = ki[:, :, 0]
+            cache.store_indexer_keys(li, (ar, slice(None), pos), ki[:, :, 0])  # (fp8: saturating cast)
             qi1, ki_view = qi[:, :, 0], cache.ki[li][:, :, :Lv]
             if self.record_indexer_queries is not None:  # benchmarks (eager steps only, never in a graph)
                 self.record_indexer_queries[li] = qi1.detach().clone()
@@ -860,7 +928,8 @@ class InferenceEngine:
         live = [True] * B
         self._reset_density()  # the static buffers may be new (a new cache)
         res = GenerationResult(out, lens, finished, memory=self.cache.memory_report(), decode_path=self.decode_path,
-                               prefill_mode=self.last_prefill_mode, prefill_status=self.prefill_status)
+                               prefill_mode=self.last_prefill_mode, prefill_status=self.prefill_status,
+                               indexer_cache_dtype=self.indexer_cache_dtype)
         steps = 0
         while max_new_tokens > 0:
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)

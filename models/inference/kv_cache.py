@@ -5,7 +5,8 @@ Per layer (models/inference/engine.py fills it):
   * RTPurbo layer:
       - "full" KV heads (every KV head that serves at least one retrieval query head; also every KV head
         when the ring would not save anything, i.e. window + sinks >= max_len): full K/V [B, Hf, max_len, D];
-      - indexer keys of the retrieval query heads: ki [B, Hr, max_len, r];
+      - indexer keys of the retrieval query heads: ki [B, Hr, max_len, r], in the model dtype or, with
+        indexer_dtype=torch.float8_e4m3fn, in fp8 (stored unscaled, saturated to +-448: store_indexer_keys);
       - "local-only" KV heads (no retrieval query head reads them): sinks [B, Hl, S, D] (token t < sinks in
         slot t) + a ring buffer [B, Hl, W, D] (token t in slot t % W, W = window), the layout of
         kernels/sparse_decode.py.
@@ -27,6 +28,18 @@ import torch.nn as nn
 
 class KVCacheMemoryError(RuntimeError):
     pass
+
+
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def indexer_store_cast(ki: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ki as it is stored in an indexer-key cache of `dtype`. float8_e4m3fn: a saturating cast, unscaled
+    (clamp to the finite range +-448 first, so that no value becomes NaN: torch's cast maps out-of-range values
+    to NaN; NaN inputs stay NaN); any other dtype: a plain cast."""
+    if dtype == getattr(torch, "float8_e4m3fn", None):
+        return ki.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return ki.to(dtype)
 
 
 @dataclass
@@ -99,11 +112,14 @@ def _fmt(n: float) -> str:
 class RoleKVCache:
     """Preallocated role-aware cache. Attributes per layer l (lists indexed by layer):
     k[l], v[l]: full K/V [B, Hf, max_len, D] or None; ki[l]: [B, Hr, max_len, r] or None;
-    sink_k/sink_v[l]: [B, Hl, S, D] or None; ring_k/ring_v[l]: [B, Hl, W, D] or None."""
+    sink_k/sink_v[l]: [B, Hl, S, D] or None; ring_k/ring_v[l]: [B, Hl, W, D] or None.
+    dtype: of K/V, sinks and rings (default: the model's); indexer_dtype: of the indexer keys ki (default:
+    dtype; torch.float8_e4m3fn halves their bytes, written through store_indexer_keys)."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, memory_limit_bytes: int | None = None):
-        self._setup(model, batch_size, max_len, dtype, device)
+                 device: torch.device | str | None = None, memory_limit_bytes: int | None = None,
+                 indexer_dtype: torch.dtype | None = None):
+        self._setup(model, batch_size, max_len, dtype, device, indexer_dtype)
         need = self.total_bytes()
         free = self._free_bytes(memory_limit_bytes)
         if free is not None and need > free:
@@ -117,14 +133,15 @@ class RoleKVCache:
             nf, nr = len(p.full_kv), len(p.ring_kv)
             self.k.append(torch.zeros(B, nf, L, D, **z) if nf else None)
             self.v.append(torch.zeros(B, nf, L, D, **z) if nf else None)
-            self.ki.append(torch.zeros(B, len(p.retrieval), L, p.indexer_dim, **z) if p.retrieval else None)
+            self.ki.append(torch.zeros(B, len(p.retrieval), L, p.indexer_dim, dtype=self.indexer_dtype,
+                                       device=self.device) if p.retrieval else None)
             S, W = self._sink_ring(p)
             self.sink_k.append(torch.zeros(B, nr, S, D, **z) if nr else None)
             self.sink_v.append(torch.zeros(B, nr, S, D, **z) if nr else None)
             self.ring_k.append(torch.zeros(B, nr, W, D, **z) if nr else None)
             self.ring_v.append(torch.zeros(B, nr, W, D, **z) if nr else None)
 
-    def _setup(self, model, batch_size, max_len, dtype, device) -> None:
+    def _setup(self, model, batch_size, max_len, dtype, device, indexer_dtype=None) -> None:
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
         args = model.args
@@ -135,14 +152,26 @@ class RoleKVCache:
         self.n_kv_heads = args.n_kv_heads
         self.plans = plan_layers(model, self.max_len)
         self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self.indexer_dtype = indexer_dtype or self.dtype
+        self.ki_elem = torch.empty((), dtype=self.indexer_dtype).element_size()
+
+    def store_indexer_keys(self, li: int, index, ki: torch.Tensor) -> None:
+        """self.ki[li][index] = ki, cast as the cache stores it (indexer_store_cast: saturating for fp8).
+        1-byte dtypes are written through uint8 views (the same bits; index_put on uint8 runs on every device
+        and torch version, index_put on float8 may not)."""
+        val = indexer_store_cast(ki, self.indexer_dtype)
+        if self.ki_elem == 1 and self.indexer_dtype.is_floating_point:
+            self.ki[li].view(torch.uint8)[index] = val.view(torch.uint8)
+        else:
+            self.ki[li][index] = val
 
     @classmethod
     def estimate(cls, model: nn.Module, batch_size: int, max_len: int, *,
-                 dtype: torch.dtype | None = None) -> dict[str, float]:
+                 dtype: torch.dtype | None = None, indexer_dtype: torch.dtype | None = None) -> dict[str, float]:
         """memory_report() of the cache that RoleKVCache(model, batch_size, max_len) would allocate,
         without allocating anything (sizes follow from the layer plans alone)."""
         self = cls.__new__(cls)
-        self._setup(model, batch_size, max_len, dtype, None)
+        self._setup(model, batch_size, max_len, dtype, None, indexer_dtype)
         return self.memory_report()
 
     @staticmethod
@@ -160,8 +189,15 @@ class RoleKVCache:
     # ---- sizes (computed from the plan alone, so they can be checked before allocating) ----
     def per_token_bytes(self) -> int:
         """Bytes that grow with every cached token of one sequence (full K/V + indexer keys)."""
-        D = self.head_dim
-        return sum((2 * len(p.full_kv) * D + len(p.retrieval) * p.indexer_dim) * self.elem for p in self.plans)
+        return self.kv_per_token_bytes() + self.indexer_per_token_bytes()
+
+    def kv_per_token_bytes(self) -> int:
+        """Full K/V part of per_token_bytes()."""
+        return sum(2 * len(p.full_kv) * self.head_dim * self.elem for p in self.plans)
+
+    def indexer_per_token_bytes(self) -> int:
+        """Indexer-key part of per_token_bytes() (in the indexer dtype: 1 B per element in fp8)."""
+        return sum(len(p.retrieval) * p.indexer_dim * self.ki_elem for p in self.plans)
 
     def fixed_bytes_per_sequence(self) -> int:
         """Bytes of the sinks + ring buffers of one sequence (independent of the context length)."""
@@ -185,6 +221,8 @@ class RoleKVCache:
             batch_size=self.B, max_len=self.max_len,
             dense_bytes_per_token=self.dense_per_token_bytes(),
             bytes_per_token=self.per_token_bytes(),
+            indexer_bytes_per_token=self.indexer_per_token_bytes(),
+            indexer_element_bytes=self.ki_elem,
             fixed_bytes_per_sequence=self.fixed_bytes_per_sequence(),
             effective_bytes_per_token=total / (self.B * self.max_len),
             total_bytes=total, dense_total_bytes=dense_total,
@@ -193,7 +231,8 @@ class RoleKVCache:
 
     def memory_summary(self) -> str:
         r = self.memory_report()
+        ix = "" if self.indexer_dtype == self.dtype else ", " + str(self.indexer_dtype).replace("torch.", "")
         return (f"KV cache {_fmt(r['total_bytes'])} for {self.B} x {self.max_len} tokens "
                 f"(dense would be {_fmt(r['dense_total_bytes'])}, x{r['ratio_vs_dense']:.3f}); "
-                f"{r['bytes_per_token']} B/token + {r['fixed_bytes_per_sequence']} B/seq fixed "
-                f"vs dense {r['dense_bytes_per_token']} B/token")
+                f"{r['bytes_per_token']} B/token (indexer keys {r['indexer_bytes_per_token']}{ix}) + "
+                f"{r['fixed_bytes_per_sequence']} B/seq fixed vs dense {r['dense_bytes_per_token']} B/token")

@@ -12,9 +12,9 @@ One-shot prefill: every layer runs over the whole prompt before the next one sta
     SDPA, with the dense window + sinks mask for local heads (models.rtpurbo.attention.local_attention);
   * output projection + FFN / MoE in chunks of `ffn_chunk` tokens, the residual updated in place;
   * the engine's role-aware cache written exactly as the chunked path writes it: full KV heads and indexer
-    keys at positions < T, sinks (positions < sinks) and the ring (the last `window` tokens of each sequence,
-    slot = position % window) for local-only KV heads; a padded sequence of a batch writes only its own
-    tokens into sinks and ring (padding never evicts).
+    keys at positions < T (fp8 indexer-key caches through the same saturating cast), sinks (positions < sinks)
+    and the ring (the last `window` tokens of each sequence, slot = position % window) for local-only KV heads;
+    a padded sequence of a batch writes only its own tokens into sinks and ring (padding never evicts).
 Memory: the residual [B, T, dim] and the queries [B, Hq, T, D] are held per layer (plus [B, Hkv, T, D] K and V
 in RTPurbo layers), i.e. O(T) activations, not O(chunk) as in the chunked path; `one_shot_activation_bytes`
 estimates the peak, and the engine checks it against the free device memory before choosing the mode.
@@ -148,7 +148,8 @@ def prefill_layer(eng, li: int, x: torch.Tensor, lens: Sequence[int], *, proj_ch
     past it are padding, whose cache entries are harmless except in sinks / ring, which they never touch).
     retrieval_attention(li, plan, q_r, k_g, v_g, qi, ki) -> out replaces the dense causal attention of the
     retrieval heads of one KV group (benchmarks: sparse prefill); q_r [B, h, T, D], k_g / v_g [B, 1, T, D], qi /
-    ki [B, h, T, r] their indexer queries and keys."""
+    ki [B, h, T, r] their indexer queries and keys (ki as cached: with an fp8 indexer cache the stored keys,
+    upcast to the model dtype)."""
     cache = eng.cache
     layer = eng.layers[li]
     attn = layer.attention
@@ -164,10 +165,10 @@ def prefill_layer(eng, li: int, x: torch.Tensor, lens: Sequence[int], *, proj_ch
         k_all = torch.empty(B, Hkv, T, D, device=dev, dtype=dt)
         v_all = torch.empty_like(k_all)
     retr = list(p.retrieval)
-    ki_all = cache.ki[li][:, :, :T] if retr else None
+    ki_all = cache.ki[li][:, :, :T] if retr else None  # (the cache's dtype: fp8 with indexer_cache_dtype)
     qi_all = None
     if retr and retrieval_attention is not None:
-        qi_all = torch.empty(B, len(retr), T, p.indexer_dim, device=dev, dtype=cache.ki[li].dtype)
+        qi_all = torch.empty(B, len(retr), T, p.indexer_dim, device=dev, dtype=dt)
     for c0 in range(0, T, proj_chunk):
         c1 = min(c0 + proj_chunk, T)
         h = layer.attention_norm(x[:, c0:c1])
@@ -176,7 +177,7 @@ def prefill_layer(eng, li: int, x: torch.Tensor, lens: Sequence[int], *, proj_ch
         qo[:, :, c0:c1], k_all[:, :, c0:c1], v_all[:, :, c0:c1] = q, k, v
         if retr:
             qi, ki = attn.inner_attention.indexer(q_pre, k_pre)
-            ki_all[:, :, c0:c1] = ki
+            cache.store_indexer_keys(li, (slice(None), slice(None), slice(c0, c1)), ki)  # fp8: saturating cast
             if qi_all is not None:
                 qi_all[:, :, c0:c1] = qi
         del q, k, v, q_pre, k_pre, h
@@ -199,7 +200,10 @@ def prefill_layer(eng, li: int, x: torch.Tensor, lens: Sequence[int], *, proj_ch
             qr = qo[:, r_hs]
             if retrieval_attention is not None:
                 ridx = [retr.index(h) for h in r_hs]
-                o = retrieval_attention(li, p, qr, kg, vg, qi_all[:, ridx], ki_all[:, ridx])
+                ki_r = ki_all[:, ridx]
+                if ki_r.dtype != qi_all.dtype:  # fp8 cache: the hook gets the stored keys, upcast
+                    ki_r = ki_r.to(qi_all.dtype)
+                o = retrieval_attention(li, p, qr, kg, vg, qi_all[:, ridx], ki_r)
             else:
                 o = dense_causal(qr, kg, vg)
             qo[:, r_hs] = o
