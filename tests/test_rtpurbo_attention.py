@@ -184,3 +184,57 @@ def test_decode_rows_emulation():
     torch.testing.assert_close(out[:, :, :120], ref[:, :, :120])
     assert not torch.allclose(out[:, [1, 6], 120:], ref[:, [1, 6], 120:], atol=1e-3)
     assert 0 < ctx.collect["decode_density"][0] < 1
+
+
+@pytest.mark.parametrize("use_docs", [False, True])
+def test_stage1_far_target_equals_brute_force(use_docs):
+    """stage1_target "far": KL between teacher and indexer both restricted to the keys beyond the local window
+    and the document's sinks (renormalised there), rows without such keys contributing 0; chunked == a T x T
+    brute force, values and gradients, also with a query offset (context-parallel slices)."""
+    g = torch.Generator().manual_seed(5)
+    Hr, r, window, sinks = 2, 4, 9, 2
+    q_r = torch.randn(B, Hr, T, D, generator=g) * 2
+    k_r = torch.randn(B, Hr, T, D, generator=g)
+    qi0 = torch.randn(B, Hr, T, r, generator=g)
+    ki0 = torch.randn(B, Hr, T, r, generator=g)
+    doc_ids = _docs() if use_docs else None
+    # brute force
+    m = torch.arange(T)[:, None]
+    n = torch.arange(T)[None, :]
+    allowed = (n <= m)[None, None].expand(B, 1, T, T)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        start = torch.stack([torch.tensor([int((doc_ids[b, :j + 1] == doc_ids[b, j]).nonzero()[0])
+                                           for j in range(T)]) for b in range(B)])
+        not_sink = (torch.arange(T)[None, :] - start >= sinks)[:, None, None, :]
+    else:
+        not_sink = (n >= sinks)[None, None]
+    far = allowed & (m - n >= window)[None, None] & not_sink
+    has = far.any(-1)  # [B, 1, T]
+    qi, ki = qi0.clone().requires_grad_(), ki0.clone().requires_grad_()
+    tl = (q_r @ k_r.transpose(-1, -2) / math.sqrt(D)).masked_fill(~far, float("-inf"))
+    p = tl.softmax(-1).nan_to_num(0.0)
+    logs = (qi @ ki.transpose(-1, -2)).masked_fill(~far, float("-inf")).log_softmax(-1)
+    kl_rows = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logs.masked_fill(~far, 0)), torch.zeros_like(p))
+    ref = kl_rows.sum(-1).mean(dim=(0, 2))
+    w = torch.tensor([1.0, 0.5])
+    (ref * w).sum().backward()
+    assert has.any() and (~has).any()  # both kinds of rows occur
+    for chunk in (T, 7):
+        qc, kc = qi0.clone().requires_grad_(), ki0.clone().requires_grad_()
+        kl, rec, dens, tdens = indexer_kl_stats(q_r, k_r, qc, kc, doc_ids=doc_ids, chunk=chunk, target="far",
+                                                window=window, sinks=sinks)
+        (kl * w).sum().backward()
+        torch.testing.assert_close(kl.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(qc.grad, qi.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(kc.grad, ki.grad, atol=1e-6, rtol=1e-4)
+        assert ((rec > 0) & (rec <= 1 + 1e-6)).all() and ((dens > 0) & (dens < 1)).all()
+    # query-offset slices (context parallelism) sum to the whole
+    whole = indexer_kl_stats(q_r, k_r, qi0, ki0, doc_ids=doc_ids, chunk=5, target="far", window=window, sinks=sinks)
+    parts = [indexer_kl_stats(q_r[:, :, a:b], k_r[:, :, :b], qi0[:, :, a:b], ki0[:, :, :b], doc_ids=doc_ids,
+                              chunk=4, target="far", window=window, sinks=sinks, q_offset=a, norm_rows=B * T)
+             for a, b in [(0, 11), (11, T)]]
+    for i in range(4):
+        torch.testing.assert_close(sum(pp[i] for pp in parts), whole[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the local window"):
+        indexer_kl_stats(q_r, k_r, qi0, ki0, target="far")

@@ -97,6 +97,11 @@ def sparse_retrieval_attention(
 # ----------------------------------------------------------------------------------------------------------
 # stage 1: chunked KL(true attention || indexer softmax), forward and gradient in one pass
 # ----------------------------------------------------------------------------------------------------------
+# stage-1 KL targets (rtpurbo.stage1_target): the true attention over every visible key, its own top-p set,
+# or only the keys beyond the local window and sinks
+STAGE1_TARGETS = ("full", "topp", "far")
+
+
 def _chunk_allowed(c0: int, c1: int, doc_ids, device) -> torch.Tensor:
     rows = torch.arange(c0, c1, device=device)
     cols = torch.arange(c1, device=device)
@@ -106,6 +111,21 @@ def _chunk_allowed(c0: int, c1: int, doc_ids, device) -> torch.Tensor:
     return m  # [B|1, 1, C, c1]
 
 
+def _far_keys(c0: int, c1: int, window: int, sinks: int, doc_ids, device) -> torch.Tensor:
+    """[B|1, 1, C, c1] True where key n lies outside the local window and sinks of query m (global rows
+    c0..c1-1): m - n >= window and n is not one of its document's first `sinks` tokens."""
+    rows = torch.arange(c0, c1, device=device)
+    cols = torch.arange(c1, device=device)
+    far = (rows[:, None] - cols[None, :] >= window)[None, None]
+    if doc_ids is None:
+        return far & (cols >= sinks)[None, None, None, :]
+    d = doc_ids[:, :c1]
+    is_start = torch.ones_like(d, dtype=torch.bool)
+    is_start[:, 1:] = d[:, 1:] != d[:, :-1]
+    start = torch.where(is_start, cols[None, :], torch.zeros_like(cols)[None, :]).cummax(dim=1).values
+    return far & ((cols[None, :] - start) >= sinks)[:, None, None, :]
+
+
 class _ChunkedIndexerKL(torch.autograd.Function):
     """KL per retrieval head, averaged over query tokens. The gradient w.r.t. the indexer logits of a row is
     (softmax(s) - p) / N; it is folded into dqi / dki chunk by chunk during the forward, so neither pass
@@ -113,7 +133,7 @@ class _ChunkedIndexerKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qi, ki, q_r, k_r, doc_ids, chunk, target, top_p, scale, want_grad, want_stats,
-                q_offset=0, norm_rows=None):
+                q_offset=0, norm_rows=None, window=0, sinks=0):
         # sort + cumsum top-p: cheaper than the 31-pass bisection on CPU, on a par on GPU at these row sizes
         from kernels.block_select import topp_mask_reference as topp_mask
 
@@ -133,6 +153,12 @@ class _ChunkedIndexerKL(torch.autograd.Function):
             c1 = min(c0 + chunk, T)
             g1 = q_offset + c1  # keys [0, g1) are visible to some row of this chunk
             allowed = _chunk_allowed(q_offset + c0, g1, doc_ids, dev)
+            if target == "far":
+                # only the keys that selection decides (beyond the window and sinks); a row without any
+                # gets one dummy key (its first) in both distributions: KL 0, gradient 0
+                allowed = allowed & _far_keys(q_offset + c0, g1, window, sinks, doc_ids, dev)
+                empty = ~allowed.any(-1, keepdim=True)
+                allowed = allowed | (empty & (torch.arange(g1, device=dev) == 0))
             tl = (q_r[:, :, c0:c1].float() @ k_r[:, :, :g1].float().transpose(-1, -2)) * scale
             logp_full = tl.masked_fill(~allowed, float("-inf")).log_softmax(-1)
             p_full = logp_full.exp()
@@ -158,8 +184,9 @@ class _ChunkedIndexerKL(torch.autograd.Function):
                 tm = (p_full * tset).sum(-1)
                 rec += ((p_full * (tset & sset)).sum(-1) / tm.clamp_min(1e-30)).sum(dim=(0, 2)).double()
                 nvis = allowed.sum(-1).clamp_min(1)
-                dens += (sset.sum(-1) / nvis).sum(dim=(0, 2)).double()
-                tdens += (tset.sum(-1) / nvis).sum(dim=(0, 2)).double()
+                row_ok = (~empty[..., 0]).float() if target == "far" else 1.0  # dummy-key rows: density 0
+                dens += (sset.sum(-1) / nvis * row_ok).sum(dim=(0, 2)).double()
+                tdens += (tset.sum(-1) / nvis * row_ok).sum(dim=(0, 2)).double()
         ctx.save_for_backward(dqi, dki)
         ctx.in_dtypes = (qi.dtype, ki.dtype)
         out = (kl / n_rows).float(), (rec / n_rows).float(), (dens / n_rows).float(), (tdens / n_rows).float()
@@ -170,9 +197,9 @@ class _ChunkedIndexerKL(torch.autograd.Function):
     def backward(ctx, g_kl, *_):
         dqi, dki = ctx.saved_tensors
         if dqi is None:
-            return (None,) * 13
+            return (None,) * 15
         g = g_kl.float()[None, :, None, None]
-        return ((dqi * g).to(ctx.in_dtypes[0]), (dki * g).to(ctx.in_dtypes[1])) + (None,) * 11
+        return ((dqi * g).to(ctx.in_dtypes[0]), (dki * g).to(ctx.in_dtypes[1])) + (None,) * 13
 
 
 def indexer_kl_stats(
@@ -189,6 +216,8 @@ def indexer_kl_stats(
     stats: bool = True,
     q_offset: int = 0,
     norm_rows: int | None = None,
+    window: int = 0,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage-1 loss and statistics per retrieval head, computed in query chunks (no T x T tensor).
 
@@ -201,7 +230,10 @@ def indexer_kl_stats(
     q_r, k_r: [B, Hr, T, D] true post-RoPE queries / keys of the retrieval heads (k gathered per query head;
     treated as constants); qi, ki: [B, Hr, T, r] indexer projections.
     Teacher p(m, .) = softmax over visible keys (causal, same document) of q_m . k_n * scale; target "full"
-    uses it as is, "topp" restricts it to its own token-level top-p set and renormalises. Student
+    uses it as is, "topp" restricts it to its own token-level top-p set and renormalises, "far" restricts
+    teacher and student to the keys outside the query's local window and sinks (`window`, `sinks`: the keys
+    whose selection the indexer decides; both renormalised there; rows with no such key count as KL 0,
+    recall 1, density 0). Student
     s(m, .) = softmax of qi_m . ki_n over the visible keys. Returns, each [Hr] and averaged over all B*T query
     tokens:
       kl       - KL(teacher || s) (differentiable w.r.t. qi and ki),
@@ -210,8 +242,10 @@ def indexer_kl_stats(
       density  - |indexer top-p set| / |visible keys|,
       teacher_density - |teacher top-p set| / |visible keys|.
     """
-    if target not in ("full", "topp"):
-        raise ValueError(f"rtpurbo.stage1_target must be 'full' or 'topp', got {target!r}")
+    if target not in STAGE1_TARGETS:
+        raise ValueError(f"rtpurbo.stage1_target must be one of {STAGE1_TARGETS}, got {target!r}")
+    if target == "far" and window < 1:
+        raise ValueError(f"stage1_target 'far' needs the local window (>= 1), got window={window}")
     if scale is None:
         scale = q_r.shape[-1] ** -0.5
     if min(k_r.shape[2], ki.shape[2]) < q_offset + q_r.shape[2]:
@@ -221,7 +255,7 @@ def indexer_kl_stats(
     want_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
     return _ChunkedIndexerKL.apply(qi, ki, q_r.detach(), k_r.detach(), doc_ids, int(chunk), target,
                                    float(top_p), float(scale), want_grad, stats, int(q_offset),
-                                   None if norm_rows is None else int(norm_rows))
+                                   None if norm_rows is None else int(norm_rows), int(window), int(sinks))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,8 +298,8 @@ class RTPurboAttention(nn.Module):
             raise ValueError(f"rtpurbo.prefill must be 'dense' or 'sparse', got {prefill!r}")
         if stage2_retrieval not in ("dense", "topp"):
             raise ValueError(f"rtpurbo.stage2_retrieval must be 'dense' or 'topp', got {stage2_retrieval!r}")
-        if stage1_target not in ("full", "topp"):
-            raise ValueError(f"rtpurbo.stage1_target must be 'full' or 'topp', got {stage1_target!r}")
+        if stage1_target not in STAGE1_TARGETS:
+            raise ValueError(f"rtpurbo.stage1_target must be one of {STAGE1_TARGETS}, got {stage1_target!r}")
         retrieval = sorted({int(h) for h in retrieval_heads})
         if any(h < 0 or h >= n_heads for h in retrieval):
             raise ValueError(f"retrieval heads {retrieval} out of range for {n_heads} heads")
@@ -404,7 +438,7 @@ class RTPurboAttention(nn.Module):
         kl, rec, dens, tdens = indexer_kl_stats(
             _take(q.detach(), self.retrieval_list), self._gather_kv(k.detach()), qi, ki,
             doc_ids=doc_ids, chunk=self.stage1_query_chunk, target=self.stage1_target, top_p=self.top_p,
-            stats=self.stage1_stats)
+            stats=self.stage1_stats, window=self.window, sinks=self.sinks)
         collect.setdefault("indexer_kl", []).append(kl)
         collect.setdefault("indexer_layers", []).append(self.layer_id)
         if self.stage1_stats:

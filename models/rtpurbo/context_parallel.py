@@ -364,7 +364,7 @@ class ContextParallelRTPurboAttention(RTPurboAttention):
             res = indexer_kl_stats(
                 q_r[:, :, ls:le], k_r[:, :, :ge], qi[:, :, ls:le], ki_full[:, :, :ge], doc_ids=cp.doc_ids,
                 chunk=self.stage1_query_chunk, target=self.stage1_target, top_p=self.top_p,
-                stats=self.stage1_stats, q_offset=gs, norm_rows=n_rows)
+                stats=self.stage1_stats, q_offset=gs, norm_rows=n_rows, window=self.window, sinks=self.sinks)
             totals = res if totals is None else tuple(t + r for t, r in zip(totals, res))
         kl, rec, dens, tdens = totals
         collect.setdefault("indexer_kl", []).append(kl)

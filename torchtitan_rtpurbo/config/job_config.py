@@ -154,7 +154,9 @@ class RTPurbo:
     calib_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     calib_needle_tokens: int = 64
     # Stage 1
-    stage1_target: str = "full"  # "full": KL to the full attention; "topp": to its own top-p set
+    # "full": KL to the full attention; "topp": to its own top-p set; "far": both restricted to the keys beyond
+    # the local window and sinks (the keys selection decides)
+    stage1_target: str = "full"
     stage1_query_chunk: int = 256
     # Stage 2
     stage2_loss: str = "topk"  # "topk" (paper, k = stage2_topk) or "full"
