@@ -17,14 +17,7 @@ from torchtitan_rtpurbo.config.job_config import RTPurbo
 # Layer 1: retrieval 5 -> KV 1 full, KV 0 ring. Layer 2: all local (ring only). Layer 3: all retrieval.
 RETRIEVAL = [[0, 1], [5], [], list(range(8))]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is much faster than several on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

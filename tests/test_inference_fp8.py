@@ -32,13 +32,7 @@ from test_inference import RETRIEVAL, _teacher_forced, prompt, rtpurbo_copy  # n
 ROOT = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

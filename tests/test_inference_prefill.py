@@ -26,13 +26,7 @@ RETRIEVAL = [[0, 1], [5], [], [4, 5, 6, 7], list(range(8))]
 T_PROMPT = 37  # a multiple of no chunk below (chunk 8, proj 16, ffn 12) and longer than the window
 CHUNKS = dict(chunk_size=8, proj_chunk=16, ffn_chunk=12)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(moe=False):

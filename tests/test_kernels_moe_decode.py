@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_FLAG = "MOE_DECODE_TEST_CHILD"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _interpreter_ready() -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -47,13 +49,6 @@ def test_in_interpreter_subprocess():
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and "failed" not in r.stdout, tail
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a, b) -> float:

@@ -29,16 +29,8 @@ from kernels.window_sdpa import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = causal_attention_with_lse_reference
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add overhead (and spin on a shared 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _qkv(B, Hq, Hkv, T, D, seed, dtype=torch.float64):
