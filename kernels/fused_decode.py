@@ -137,14 +137,17 @@ def _norm_linear_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, N, K, s_xm
 
 
 def linear_tiles(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]:
-    """(BM, BN, BK) of norm_linear: BM = rows rounded up to a power of two (<= 16); BN from 16 down to 2
-    until there are >= 2 programs per SM; BK fills a tile of _TILE fp32 products (<= K rounded up).
+    """(BM, BN, BK) of norm_linear: BM = rows rounded up to a power of two (<= 16); BN from 4 (one row) or 16
+    down to 2 until there are >= 2 programs per SM; BK fills a tile of _TILE fp32 products (<= K rounded up).
     Off CUDA (Triton's CPU interpreter, which pays per program, not per element) a few large tiles."""
     BM = min(_pow2(M), MAX_ROWS)
     if device.type != "cuda":
         BN = min(_pow2(N), 256)
         return BM, BN, max(16, min(_pow2(K), _TILE_INTERP // (BM * BN)))
-    BN = 16
+    # one row (one sequence): start at BN 4 -> BK 2048, the fastest tile measured for the fused QKV GEMV on the
+    # H100 (16.5 us vs 20.0 us for BN 16 / BK 512; docs/logs/inference_h100/check*.txt, two runs); batches
+    # keep the wider start (not measured)
+    BN = 4 if BM == 1 else 16
     target = 2 * num_sms(device)
     while BN > 2 and triton.cdiv(N, BN) * triton.cdiv(M, BM) < target:
         BN //= 2

@@ -43,7 +43,9 @@ class MoEDecodeConfig:
     block_h: int = 16  # up kernel: hidden rows per program
     block_k: int = 256  # up kernel: dim chunk per step
     warps_up: int = 4
-    block_d: int = 4  # down kernel: output features per program (all k slots)
+    # down kernel: output features per program (all k slots); 2 measured fastest on the H100 (45.4 vs 48.1 us
+    # for 4, one token, two runs: docs/logs/inference_h100/check*.txt)
+    block_d: int = 2
     tile_down: int = 8192  # down kernel: k x BD x BKH elements per step (BKH = tile / (k * BD), <= H)
     warps_down: int = 4
 

@@ -975,7 +975,7 @@ def check_fused(one, args, dev, dtype, g, report) -> None:
           f"{nbytes / 3e12 * 1e6:.1f} us for the experts):")
     cfgs = [("default", md.DEFAULT_CONFIG), ("up BK 512", md.MoEDecodeConfig(block_k=512)),
             ("up BH 32 / 8 warps", md.MoEDecodeConfig(block_h=32, warps_up=8)),
-            ("down BD 8", md.MoEDecodeConfig(block_d=8)), ("down BD 2", md.MoEDecodeConfig(block_d=2)),
+            ("down BD 8", md.MoEDecodeConfig(block_d=8)), ("down BD 4", md.MoEDecodeConfig(block_d=4)),
             ("down tile 16K / 8 warps", md.MoEDecodeConfig(tile_down=16384, warps_down=8))]
     for name, cfg in cfgs:
         us = t_us(lambda cfg=cfg: md.moe_decode(x1, i1, w1_, ex.w1, ex.w3, ex.w2, norm_weight=fn.weight, eps=fn.eps,
