@@ -38,7 +38,9 @@ Triton kernels of kernels/triton_decode.py; when Triton cannot run on the given 
 warning that says why and run the reference (impl="auto"), or raise (impl="triton"). Retrieval
 attention has two kernels with the same result (`config.retrieval_union`, default
 triton_decode.RETRIEVAL_UNION_DEFAULT): one program per query head over its kept blocks, or one
-per KV group over the union of its heads' kept blocks, each block read once for the group.
+per KV group over the union of its heads' kept blocks, each block read once for the group; that
+kernel's visit lists come from a separate launch or, `config.union_lists="fused"`, from mask bits
+that the select kernel writes (rtpurbo_decode) or that retrieval_decode packs from the given mask.
 """
 
 from __future__ import annotations
@@ -474,20 +476,27 @@ def local_decode(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, window, sin
 
 
 def select_decode_blocks(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks,
-                         impl="auto", config=None):
-    """Fast block selection (prefill rule); same contract as select_decode_blocks_reference."""
+                         impl="auto", config=None, return_bits=False):
+    """Fast block selection (prefill rule); same contract as select_decode_blocks_reference.
+    return_bits: (mask, bits) where bits are the packed mask rows the select kernel writes for
+    the union kernel's fused visit lists (config.union_lists="fused"; else None), to hand to
+    retrieval_decode(mask_bits=...)."""
     if not _use_triton(impl, "select_decode_blocks", qi, ki_cache, cache_lens):
-        return select_decode_blocks_reference(qi, ki_cache, cache_lens, top_p=top_p,
+        mask = select_decode_blocks_reference(qi, ki_cache, cache_lens, top_p=top_p,
                                               block_size=block_size, window=window, sinks=sinks)
+        return (mask, None) if return_bits else mask
     validate_select(qi, ki_cache, cache_lens, top_p, block_size, window, sinks)
-    return _td().select_decode_blocks_triton(qi, ki_cache, cache_lens, top_p=top_p,
-                                             block_size=block_size, window=window, sinks=sinks,
-                                             config=config).block_mask
+    sel = _td().select_decode_blocks_triton(qi, ki_cache, cache_lens, top_p=top_p,
+                                            block_size=block_size, window=window, sinks=sinks,
+                                            config=config)
+    return (sel.block_mask, sel.block_bits) if return_bits else sel.block_mask
 
 
 def retrieval_decode(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens, *, window,
-                     sinks, block_size, scale=None, impl="auto", config=None):
-    """Fast retrieval-head decode; same contract as retrieval_decode_reference."""
+                     sinks, block_size, scale=None, impl="auto", config=None, mask_bits=None):
+    """Fast retrieval-head decode; same contract as retrieval_decode_reference. mask_bits: the
+    select kernel's packed mask (select_decode_blocks(return_bits=True)) for the union kernel's
+    fused visit lists; ignored by the reference and the other kernels."""
     if not _use_triton(impl, "retrieval_decode", q_r, k_cache, block_mask, cache_lens):
         return retrieval_decode_reference(q_r, k_cache, v_cache, kv_head_of_r, block_mask,
                                           cache_lens, window=window, sinks=sinks,
@@ -496,7 +505,7 @@ def retrieval_decode(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens
                                window, sinks, block_size)
     return _td().retrieval_decode_triton(q_r, k_cache, v_cache, kv_of, block_mask, cache_lens,
                                          window=window, sinks=sinks, block_size=block_size,
-                                         scale=scale, config=config)
+                                         scale=scale, config=config, mask_bits=mask_bits)
 
 
 def validate_dense(q, k_cache, v_cache, cache_lens) -> None:

@@ -33,6 +33,14 @@ main stream; local and its merge on a side stream)
       loaded once, one tl.dot (heads padded to 16) x (D x block) gives every head's scores, a head
       that did not select the block keeps only its sink / window tokens (-inf elsewhere), fp32
       online softmax per head; partials merged by _combine_kernel (or the last program).
+  Visit lists, TritonDecodeConfig.union_lists (default UNION_LISTS_DEFAULT):
+    "kernel": _union_kernel above, one extra launch (one program per group scans the mask rows).
+    "fused": no extra launch. The select kernel also writes each head's mask row packed as bits
+      ([B*Hr, ceil(nB/32)] int32, every word rewritten each step: no zeroing); each program of
+      _retrieval_union_kernel ORs its group's bit rows (GP x nB/32 words: 16 KB at 1M tokens),
+      adds the sink / window blocks, counts the union (popcount), takes the same balanced slice
+      of the union list as the "kernel" path and writes only that slice (prefix sums in registers),
+      then runs the unchanged attention loop. Same blocks, same order, same splits: same output.
   The indexer keys (ki_cache) may be float8_e4m3fn: the scoring kernel upcasts them to fp32.
 """
 
@@ -59,6 +67,11 @@ RETRIEVAL_UNION_DEFAULT = True
 # heads the per-head kernel measured faster; 0 = no limit. The rule depends only on the (static) view
 # length, so a CUDA-graph bucket always runs the same kernel.
 UNION_MAX_BLOCKS_DEFAULT = 4096
+# How the union kernel gets its visit lists: "kernel" = the separate _union_kernel launch (measured
+# 8.1 / 9.5 / 30.0 us at 32K / 128K / 1M on the H100), "fused" = packed mask bits written by the
+# select kernel, each union program builds its own slice (no extra launch; GPU: not yet measured).
+UNION_LISTS_DEFAULT = "kernel"
+UNION_LISTS_CHOICES = ("kernel", "fused")
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,13 @@ class TritonDecodeConfig:
     union_max_splits: int = 128  # few groups (1 at B=1 with one retrieval KV head): more splits
     union_tile: int = 4096  # blocks per tile of the union-list build (one program per group)
     union_num_warps: int = 4  # warps of the union attention kernel
+    union_lists: str = UNION_LISTS_DEFAULT  # "kernel" (_union_kernel launch) | "fused" (in-kernel)
+    union_word_tile: int = 512  # fused lists: 32-block words per tile of the union count pass
+    union_expand_words: int = 8  # fused lists: words expanded to block indices per sub-tile
+
+    def __post_init__(self):
+        if self.union_lists not in UNION_LISTS_CHOICES:
+            raise ValueError(f"union_lists must be one of {UNION_LISTS_CHOICES}, got {self.union_lists!r}")
 
 
 DEFAULT_CONFIG = TritonDecodeConfig()
@@ -95,6 +115,13 @@ DEFAULT_CONFIG = TritonDecodeConfig()
 def uses_union(cfg: TritonDecodeConfig, n_blocks: int) -> bool:
     """Whether retrieval attention runs the GQA-union kernel for a cache view of n_blocks blocks."""
     return bool(cfg.retrieval_union) and (cfg.union_max_blocks <= 0 or n_blocks <= cfg.union_max_blocks)
+
+
+def uses_mask_bits(cfg: TritonDecodeConfig, n_blocks: int) -> bool:
+    """Whether the select kernel writes packed mask bits (the union kernel's fused visit lists)."""
+    return uses_union(cfg, n_blocks) and cfg.union_lists == "fused"
+
+
 DENSE_CONFIG = TritonDecodeConfig(max_splits=128)  # dense_decode_triton (the whole cache, few KV heads)
 
 
@@ -103,6 +130,8 @@ class SelectResult:
     block_mask: torch.Tensor  # [B, Hr, nB] bool, selected blocks (forced sink/window ones included)
     kept_idx: torch.Tensor  # [B*Hr, nB] int32, first kept_count entries: the mask's blocks, ascending
     kept_count: torch.Tensor  # [B*Hr] int32
+    # [B*Hr, ceil(nB/32)] int32, bit j of word w = mask block 32 w + j (union_lists="fused"; else None)
+    block_bits: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +162,78 @@ def _append_kept(idx_row, blk, keep, cnt):
     pos = cnt + tl.cumsum(k32, 0) - 1
     tl.store(idx_row + pos, blk, mask=keep)
     return cnt + tl.sum(k32, 0)
+
+
+@triton.jit
+def _or_combine(a, b):
+    return a | b
+
+
+@triton.jit
+def _popc32(x):
+    """Set bits of each int32 word (SWAR; arithmetic shifts are masked off)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    return x & 0x3F
+
+
+@triton.jit
+def _range_bits(wi, lo, hi):
+    """int32 words wi with the bits of blocks lo <= blk < hi set (bit j of word w = block 32 w + j)."""
+    base = wi * 32
+    a = tl.minimum(tl.maximum(lo - base, 0), 32).to(tl.int64)
+    c = tl.minimum(tl.maximum(hi - base, 0), 32).to(tl.int64)
+    one = (wi * 0 + 1).to(tl.int64)
+    return (((one << c) - 1) ^ ((one << a) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _pack_keep_bits(bits_row, b0, keep, NW, TILE: tl.constexpr):
+    """Store keep [TILE] (blocks b0 ..., b0 a multiple of 32) as TILE / 32 bit words."""
+    kb = tl.reshape(keep.to(tl.int32), [TILE // 32, 32])
+    word = tl.sum(kb << tl.arange(0, 32)[None, :], 1)
+    wv = b0 // 32 + tl.arange(0, TILE // 32)
+    tl.store(bits_row + wv, word, mask=wv < NW)
+
+
+@triton.jit
+def _union_words(bits_ptr, row0, hr, hm, wi, NW, nb, sb_end, wb_lo):
+    """Union words wi of one group: OR of its heads' bit rows (row0 + hr; padding heads hm = False
+    are masked loads), the sink / window blocks added, blocks >= nb removed."""
+    rows = (row0 + tl.maximum(hr, 0)).to(tl.int64) * NW
+    x = tl.load(bits_ptr + rows[:, None] + wi[None, :], mask=hm[:, None] & (wi < NW)[None, :],
+                other=0)
+    u = tl.reduce(x, 0, _or_combine)
+    u = u | _range_bits(wi, 0, sb_end) | _range_bits(wi, wb_lo, nb)
+    return u & _range_bits(wi, 0, nb)
+
+
+@triton.jit
+def _write_list_slice(bits_ptr, row0, hr, hm, NW, nb, sb_end, wb_lo, wi, pc, base, i0, i1,
+                      idx_row, EW: tl.constexpr):
+    """Entries i0 <= i < i1 of the union list (ascending blocks) that fall in the words wi (their
+    popcounts pc; base = entries before wi[0]): find the words holding them (prefix sums), expand
+    those EW words at a time to block indices and store them at idx_row + i."""
+    incl = base + tl.cumsum(pc, 0)
+    excl = incl - pc
+    hit = (excl < i1) & (incl > i0)
+    wa = tl.min(tl.where(hit, wi, 0x7FFFFFFF), 0)
+    wb = tl.max(tl.where(hit, wi, -1), 0)
+    pa = tl.sum(tl.where(wi == wa, excl, 0), 0)
+    jj = tl.arange(0, 32)
+    for s0 in range(wa, wb + 1, EW):  # no iteration when no word is hit
+        si = s0 + tl.arange(0, EW)
+        uu = _union_words(bits_ptr, row0, hr, hm, si, NW, nb, sb_end, wb_lo)
+        uu = tl.where(si <= wb, uu, 0)
+        pcs = _popc32(uu)
+        bit = (uu[:, None] >> jj[None, :]) & 1  # [EW, 32]
+        pos = pa + (tl.cumsum(pcs, 0) - pcs)[:, None] + tl.cumsum(bit, 1) - 1
+        st = (bit != 0) & (pos >= i0) & (pos < i1)
+        tl.store(idx_row + pos, si[:, None] * 32 + jj[None, :], mask=st)
+        pa += tl.sum(pcs, 0)
 
 
 @triton.jit
@@ -236,8 +337,9 @@ def _search_tiles(lse_row, nb, Z, sb_end, wb_lo, lo, hi, top_p, K: tl.constexpr,
 
 @triton.jit
 def _select_head(lse_row, chunk_row, n_chunks, mask_row, idx_row, cnt_ptr, L, n_blocks, top_p,
-                 window, sinks, BS: tl.constexpr, SEARCH_K: tl.constexpr, TILE: tl.constexpr,
-                 RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+                 window, sinks, bits_row, NW, BS: tl.constexpr, SEARCH_K: tl.constexpr,
+                 TILE: tl.constexpr, RESIDENT: tl.constexpr, MAX_2D: tl.constexpr,
+                 WRITE_BITS: tl.constexpr):
     """Block selection of one head from its block LSEs (the prefill rule: forced sink/window
     blocks + the smallest top set of free blocks bringing the mass to top_p); writes the mask row
     (forced blocks included), the kept list (= the mask's blocks, ascending) and its count.
@@ -331,6 +433,8 @@ def _select_head(lse_row, chunk_row, n_chunks, mask_row, idx_row, cnt_ptr, L, n_
         tie_before += tl.sum(tie_w, 0)
         keep = chosen | _is_forced(blk, nb, sb_end, wb_lo)
         tl.store(mask_row + blk, keep.to(tl.uint8), mask=blk < n_blocks)
+        if WRITE_BITS:  # the same row packed as bits (TILE >= 32): the union kernel's input
+            _pack_keep_bits(bits_row, b0, keep, NW, TILE)
         cnt = _append_kept(idx_row, blk, keep, cnt)
     tl.store(cnt_ptr, cnt)
 
@@ -362,10 +466,11 @@ def _combine_row(pm_row, pl_row, pacc_row, out_row, D, NS: tl.constexpr, NS_PAD:
 
 @triton.jit(do_not_specialize=["window", "sinks"])
 def _indexer_select_kernel(qi_ptr, ki_ptr, lens_ptr, lse_ptr, chunk_ptr, counter_ptr, mask_ptr,
-                           idx_ptr, cnt_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, H, n_blocks, n_chunks,
-                           top_p, window, sinks, R, BS: tl.constexpr, BPC: tl.constexpr,
-                           R_PAD: tl.constexpr, FUSED: tl.constexpr, SEARCH_K: tl.constexpr,
-                           TILE: tl.constexpr, RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+                           idx_ptr, cnt_ptr, bits_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, H, n_blocks,
+                           n_chunks, NW, top_p, window, sinks, R, BS: tl.constexpr,
+                           BPC: tl.constexpr, R_PAD: tl.constexpr, FUSED: tl.constexpr,
+                           SEARCH_K: tl.constexpr, TILE: tl.constexpr, RESIDENT: tl.constexpr,
+                           MAX_2D: tl.constexpr, WRITE_BITS: tl.constexpr):
     pid_c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -396,18 +501,34 @@ def _indexer_select_kernel(qi_ptr, ki_ptr, lens_ptr, lse_ptr, chunk_ptr, counter
         if done == n_chunks - 1:
             _select_head(lse_ptr + bh * n_blocks, chunk_ptr + bh * n_chunks, n_chunks,
                          mask_ptr + bh * n_blocks, idx_ptr + bh * n_blocks, cnt_ptr + bh, L,
-                         n_blocks, top_p, window, sinks, BS, SEARCH_K, TILE, RESIDENT, MAX_2D)
+                         n_blocks, top_p, window, sinks, bits_ptr + bh * NW, NW, BS, SEARCH_K,
+                         TILE, RESIDENT, MAX_2D, WRITE_BITS)
 
 
 @triton.jit(do_not_specialize=["window", "sinks"])
-def _select_kernel(lse_ptr, chunk_ptr, lens_ptr, mask_ptr, idx_ptr, cnt_ptr, H, n_blocks,
-                   n_chunks, top_p, window, sinks, BS: tl.constexpr, SEARCH_K: tl.constexpr,
-                   TILE: tl.constexpr, RESIDENT: tl.constexpr, MAX_2D: tl.constexpr):
+def _select_kernel(lse_ptr, chunk_ptr, lens_ptr, mask_ptr, idx_ptr, cnt_ptr, bits_ptr, H,
+                   n_blocks, n_chunks, NW, top_p, window, sinks, BS: tl.constexpr,
+                   SEARCH_K: tl.constexpr, TILE: tl.constexpr, RESIDENT: tl.constexpr,
+                   MAX_2D: tl.constexpr, WRITE_BITS: tl.constexpr):
     bh = tl.program_id(0)
     L = tl.load(lens_ptr + bh // H).to(tl.int32)
     _select_head(lse_ptr + bh * n_blocks, chunk_ptr + bh * n_chunks, n_chunks,
                  mask_ptr + bh * n_blocks, idx_ptr + bh * n_blocks, cnt_ptr + bh, L, n_blocks,
-                 top_p, window, sinks, BS, SEARCH_K, TILE, RESIDENT, MAX_2D)
+                 top_p, window, sinks, bits_ptr + bh * NW, NW, BS, SEARCH_K, TILE, RESIDENT,
+                 MAX_2D, WRITE_BITS)
+
+
+@triton.jit
+def _pack_bits_kernel(mask_ptr, bits_ptr, n_blocks, NW, PW: tl.constexpr):
+    """Mask rows [rows, n_blocks] uint8 -> bit words [rows, NW] int32 (retrieval_decode called with
+    a mask but no bits, union_lists="fused"). Grid (rows, cdiv(NW, PW))."""
+    row = tl.program_id(0)
+    w = tl.program_id(1) * PW + tl.arange(0, PW)
+    j = tl.arange(0, 32)
+    blk = w[:, None] * 32 + j[None, :]
+    x = tl.load(mask_ptr + row.to(tl.int64) * n_blocks + blk, mask=blk < n_blocks, other=0)
+    word = tl.sum((x != 0).to(tl.int32) << j[None, :], 1)
+    tl.store(bits_ptr + row.to(tl.int64) * NW + w, word, mask=w < NW)
 
 
 @triton.jit(do_not_specialize=["window", "sinks"])
@@ -649,16 +770,22 @@ def _online_update_rows(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["window", "sinks"])
 def _retrieval_union_kernel(q_ptr, k_ptr, v_ptr, kvg_ptr, hr_ptr, qh_ptr, lens_ptr, mask_ptr,
-                            idx_ptr, cnt_ptr, pm_ptr, pl_ptr, pacc_ptr, counter_ptr, out_ptr,
-                            s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, H, NG,
-                            n_blocks, D, scale, window, sinks, BS: tl.constexpr,
+                            idx_ptr, cnt_ptr, bits_ptr, pm_ptr, pl_ptr, pacc_ptr, counter_ptr,
+                            out_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, H,
+                            NG, n_blocks, NW, D, scale, window, sinks, BS: tl.constexpr,
                             BN: tl.constexpr, GP: tl.constexpr, D_PAD: tl.constexpr,
                             NS: tl.constexpr, NS_PAD: tl.constexpr, FUSED: tl.constexpr,
-                            IEEE: tl.constexpr):
+                            IEEE: tl.constexpr, FAST_LISTS: tl.constexpr = False,
+                            LISTS_ONLY: tl.constexpr = False, CW: tl.constexpr = 1,
+                            EW: tl.constexpr = 1):
     """Split-K retrieval attention of all query heads of one retrieval KV head: each block of the
     group's union visit list is read once; one tl.dot gives every head's scores; a head keeps the
     block's tokens t < L if its mask row selected the block, else only its sink / window tokens
-    (the per-head kernel's token rule). BN = BS rounded up to a power of 2 >= 16 token rows."""
+    (the per-head kernel's token rule). BN = BS rounded up to a power of 2 >= 16 token rows.
+    FAST_LISTS (union_lists="fused"): no list from _union_kernel; the program counts the group's
+    union from the heads' bit rows (bits_ptr [B*H, NW], CW words per tile), writes its own slice
+    [i0, i1) of the list into idx (the slices of a group's programs tile it; split 0 stores the
+    count) and attends over it. LISTS_ONLY: stop after the list (tests, benchmarks)."""
     split = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // NG
@@ -669,10 +796,53 @@ def _retrieval_union_kernel(q_ptr, k_ptr, v_ptr, kvg_ptr, hr_ptr, qh_ptr, lens_p
     hr = tl.load(hr_ptr + grp * GP + g)  # mask row of each head, -1 for padding rows
     qh = tl.load(qh_ptr + grp * GP + g)  # its row in q / out
     hm = hr >= 0
-    cnt = tl.load(cnt_ptr + bg)
+    idx_row = idx_ptr + bg.to(tl.int64) * n_blocks
+    if FAST_LISTS:
+        nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
+        nw_b = (nb + 31) // 32  # words holding valid blocks
+        wo = tl.arange(0, CW)
+        u = _union_words(bits_ptr, b * H, hr, hm, wo, NW, nb, sb_end, wb_lo)
+        pc = _popc32(u)
+        cnt = tl.sum(pc, 0)
+        for w0 in range(CW, nw_b, CW):  # views of more than CW words (32 CW blocks)
+            cnt += tl.sum(_popc32(_union_words(bits_ptr, b * H, hr, hm, w0 + wo, NW, nb, sb_end,
+                                               wb_lo)), 0)
+    else:
+        cnt = tl.load(cnt_ptr + bg)
     per = (cnt + NS - 1) // NS
     i0 = split * per
     i1 = tl.minimum(i0 + per, cnt)
+    if FAST_LISTS:
+        if i0 < i1:
+            # the first tile's words are still in registers; later tiles are loaded again
+            _write_list_slice(bits_ptr, b * H, hr, hm, NW, nb, sb_end, wb_lo, wo, pc, 0, i0, i1,
+                              idx_row, EW)
+            base = tl.sum(pc, 0)
+            for w0 in range(CW, nw_b, CW):
+                wi = w0 + wo
+                pci = _popc32(_union_words(bits_ptr, b * H, hr, hm, wi, NW, nb, sb_end, wb_lo))
+                _write_list_slice(bits_ptr, b * H, hr, hm, NW, nb, sb_end, wb_lo, wi, pci, base,
+                                  i0, i1, idx_row, EW)
+                base += tl.sum(pci, 0)
+        if split == 0:
+            tl.store(cnt_ptr + bg, cnt)
+        tl.debug_barrier()  # the slice was stored by other threads of this program
+    if not LISTS_ONLY:
+        _union_attend(q_ptr, k_ptr, v_ptr, mask_ptr, idx_row, pm_ptr, pl_ptr, pacc_ptr,
+                      counter_ptr, out_ptr, qh_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh,
+                      s_vl, s_ob, s_oh, H, n_blocks, D, scale, window, sinks, split, bg, b, grp,
+                      L, kvh, g, hr, qh, hm, i0, i1, BS, BN, GP, D_PAD, NS, NS_PAD, FUSED, IEEE,
+                      FAST_LISTS)
+
+
+@triton.jit
+def _union_attend(q_ptr, k_ptr, v_ptr, mask_ptr, idx_row, pm_ptr, pl_ptr, pacc_ptr, counter_ptr,
+                  out_ptr, qh_ptr, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, H,
+                  n_blocks, D, scale, window, sinks, split, bg, b, grp, L, kvh, g, hr, qh, hm, i0,
+                  i1, BS: tl.constexpr, BN: tl.constexpr, GP: tl.constexpr, D_PAD: tl.constexpr,
+                  NS: tl.constexpr, NS_PAD: tl.constexpr, FUSED: tl.constexpr,
+                  IEEE: tl.constexpr, LIST_CG: tl.constexpr):
+    """The union kernel's attention over list entries [i0, i1) and its output / partials."""
     d = tl.arange(0, D_PAD)
     dm = d < D
     q = tl.load(q_ptr + b * s_qb + qh[:, None] * s_qh + d[None, :],
@@ -686,7 +856,10 @@ def _retrieval_union_kernel(q_ptr, k_ptr, v_ptr, kvg_ptr, hr_ptr, qh_ptr, lens_p
     lsum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D_PAD], tl.float32)
     for i in range(i0, i1):
-        blk = tl.load(idx_ptr + bg.to(tl.int64) * n_blocks + i)
+        if LIST_CG:  # entries stored by this program (other threads): read from L2
+            blk = tl.load(idx_row + i, cache_modifier=".cg")
+        else:
+            blk = tl.load(idx_row + i)
         sel = tl.load(mrow + blk, mask=hm, other=0) != 0  # [GP]
         t = blk * BS + j
         valid = (j < BS) & (t < L)
@@ -808,27 +981,38 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
     # top_p >= 1 keeps every valid block: an unreachable target does exactly that
     p_eff = float("inf") if top_p >= 1.0 else max(float(top_p), 0.0)
     lens = _lens_i32(cache_lens)
+    # union_lists="fused": the mask rows also packed as bits (the union kernel's input)
+    write_bits = uses_mask_bits(cfg, nb) and not _scores_only
+    n_words = -(-nb // 32)
+    bits = (torch.empty((rows, max(n_words, 1)), dtype=torch.int32, device=dev) if write_bits
+            else None)
     if rows == 0 or nb == 0:
-        return SelectResult(mask.zero_().view(torch.bool), kept_idx, kept_cnt.zero_())
+        return SelectResult(mask.zero_().view(torch.bool), kept_idx, kept_cnt.zero_(),
+                            None if bits is None else bits.zero_())
     fused = cfg.fused_select and not _scores_only
     if fused and counters is None:
         counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
     # fused: the search runs in one program of the (4-warp) scoring kernel; separate: in one wide
     # program per head, all blocks in registers when they fit one tile
     tile = min(cfg.select_tile if fused else cfg.select_wide_tile, _pow2(nb))
+    if write_bits:  # whole 32-block words per tile
+        tile = max(tile, 32)
+    bits_arg = bits if write_bits else lens
     _indexer_select_kernel[(n_chunks, rows)](
         qi, ki_cache, lens, lse, chunk, counters if fused else lens, mask, kept_idx,
-        kept_cnt, qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1),
-        ki_cache.stride(2), Hr, nb, n_chunks, p_eff, window, sinks, R, BS=block_size, BPC=bpc,
-        R_PAD=_pow2(R), FUSED=fused, SEARCH_K=cfg.search_arity, TILE=tile,
-        RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d, num_warps=cfg.score_num_warps)
+        kept_cnt, bits_arg, qi.stride(0), qi.stride(1), ki_cache.stride(0), ki_cache.stride(1),
+        ki_cache.stride(2), Hr, nb, n_chunks, n_words, p_eff, window, sinks, R, BS=block_size,
+        BPC=bpc, R_PAD=_pow2(R), FUSED=fused, SEARCH_K=cfg.search_arity, TILE=tile,
+        RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
+        num_warps=cfg.score_num_warps)
     if not fused and not _scores_only:
-        _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, Hr, nb, n_chunks, p_eff,
-                                window, sinks, BS=block_size, SEARCH_K=cfg.search_arity, TILE=tile,
-                                RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d,
+        _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, bits_arg, Hr, nb,
+                                n_chunks, n_words, p_eff, window, sinks, BS=block_size,
+                                SEARCH_K=cfg.search_arity, TILE=tile, RESIDENT=nb <= tile,
+                                MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
                                 # small tiles: fewer warps make each block-wide reduction cheaper
                                 num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
-    return SelectResult(mask.view(torch.bool), kept_idx, kept_cnt)
+    return SelectResult(mask.view(torch.bool), kept_idx, kept_cnt, bits)
 
 
 def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cache_lens, *,
@@ -836,9 +1020,12 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
                             config: Optional[TritonDecodeConfig] = None,
                             kept: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
                             q_heads: Optional[Sequence[int]] = None,
-                            counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            counters: Optional[torch.Tensor] = None,
+                            mask_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Retrieval decode. `q_heads[h]` is retrieval head h's row in q_r and in `out` (default h),
-    so rtpurbo_decode can pass the whole q and write in place without gathers."""
+    so rtpurbo_decode can pass the whole q and write in place without gathers. mask_bits: the
+    select kernel's packed mask (SelectResult.block_bits) for the union kernel's fused lists;
+    packed here from block_mask when not given."""
     cfg = config or DEFAULT_CONFIG
     B, _, D = q_r.shape
     Hr = len(kv_head_of_r)
@@ -855,7 +1042,8 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
     if uses_union(cfg, block_mask.shape[-1]):  # the union kernel builds its own visit lists from the mask
         return _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, out,
                                        window=window, sinks=sinks, block_size=block_size,
-                                       scale=scale, cfg=cfg, q_heads=q_heads, counters=counters)
+                                       scale=scale, cfg=cfg, q_heads=q_heads, counters=counters,
+                                       mask_bits=mask_bits)
     if kept is None:
         kept_idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
         kept_cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
@@ -920,31 +1108,98 @@ def _union_lists(mask_u8, lens, hr_table, NG, gp, *, window, sinks, block_size,
     return idx, cnt
 
 
+def pack_mask_bits(mask_u8: torch.Tensor) -> torch.Tensor:
+    """[B, H, nB] uint8 / bool mask -> [B*H, ceil(nB/32)] int32 bit words (bit j of word w = block
+    32 w + j), the layout the select kernel writes for union_lists="fused"."""
+    B, H, nb = mask_u8.shape
+    nw = max(-(-nb // 32), 1)
+    bits = torch.empty((B * H, nw), dtype=torch.int32, device=mask_u8.device)
+    if B * H == 0 or nb == 0:
+        return bits.zero_()
+    pw = min(64, _pow2(nw))
+    _pack_bits_kernel[(B * H, -(-nw // pw))](mask_u8.view(torch.uint8), bits, nb, nw, PW=pw,
+                                            num_warps=4)
+    return bits
+
+
+def _union_splits(cfg: TritonDecodeConfig, rows: int, nb: int, dev) -> int:
+    if cfg.union_num_splits is not None:
+        ns = cfg.union_num_splits
+    else:  # ~4 programs per SM in total
+        ns = -(-4 * _num_sms(dev) // max(rows, 1))
+    return int(max(1, min(ns, cfg.union_max_splits, max(nb, 1))))
+
+
+def _fused_list_args(cfg: TritonDecodeConfig, nb: int) -> dict:
+    nw = max(-(-nb // 32), 1)
+    return dict(FAST_LISTS=True, CW=min(_pow2(cfg.union_word_tile), _pow2(nw)),
+                EW=min(_pow2(cfg.union_expand_words), _pow2(nw)))
+
+
 def union_visit_lists(block_mask, cache_lens, kv_head_of_r, *, window, sinks, block_size,
-                      config: Optional[TritonDecodeConfig] = None):
+                      config: Optional[TritonDecodeConfig] = None,
+                      mask_bits: Optional[torch.Tensor] = None):
     """(idx [B*NG, nB] int32, count [B*NG] int32): per (batch, retrieval KV head in ascending
     order), the blocks the union kernel visits (first count entries, ascending): valid blocks that
-    a head of the group selected or that hold a sink / window token. For tests and benchmarks."""
-    kvs, hr_table, _, gp = retrieval_groups(kv_head_of_r)
-    return _union_lists(block_mask.view(torch.uint8), _lens_i32(cache_lens), hr_table, len(kvs),
-                        gp, window=window, sinks=sinks, block_size=block_size,
-                        cfg=config or DEFAULT_CONFIG)
+    a head of the group selected or that hold a sink / window token. For tests and benchmarks.
+    config.union_lists "kernel": _union_kernel; "fused": the union kernel's own list build
+    (LISTS_ONLY: every split program writes its slice, no attention) from mask_bits (packed from
+    block_mask when None)."""
+    cfg = config or DEFAULT_CONFIG
+    kvs, hr_table, qh_table, gp = retrieval_groups(kv_head_of_r)
+    mask_u8 = block_mask.view(torch.uint8)
+    lens = _lens_i32(cache_lens)
+    if cfg.union_lists != "fused":
+        return _union_lists(mask_u8, lens, hr_table, len(kvs), gp, window=window, sinks=sinks,
+                            block_size=block_size, cfg=cfg)
+    B, Hr, nb = mask_u8.shape
+    dev = mask_u8.device
+    NG = len(kvs)
+    rows = B * NG
+    idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
+    cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+    if rows == 0 or nb == 0:
+        return idx, cnt.zero_()
+    bits = pack_mask_bits(mask_u8) if mask_bits is None else mask_bits
+    ns = _union_splits(cfg, rows, nb, dev)
+    z = 0
+    _retrieval_union_kernel[(ns, rows)](
+        lens, lens, lens, _index_tensor(kvs, dev), _index_tensor(hr_table, dev),
+        _index_tensor(qh_table, dev), lens, mask_u8, idx, cnt, bits, lens, lens, lens, lens, lens,
+        z, z, z, z, z, z, z, z, z, z, Hr, NG, nb, bits.shape[1], 1, 1.0, window, sinks,
+        BS=block_size, BN=_pow2(block_size, 16), GP=gp, D_PAD=16, NS=ns, NS_PAD=_pow2(ns),
+        FUSED=False, IEEE=True, LISTS_ONLY=True, **_fused_list_args(cfg, nb),
+        num_warps=cfg.union_num_warps)
+    return idx, cnt
 
 
 def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, out, *, window,
                             sinks, block_size, scale, cfg: TritonDecodeConfig, q_heads,
-                            counters):
+                            counters, mask_bits=None):
     """Retrieval decode through the GQA-union kernel: _union_kernel builds each group's visit
-    list, _retrieval_union_kernel reads every listed K/V block once for all the group's heads,
-    _combine_kernel (or the last program, fused_reduction) merges the splits."""
+    list (union_lists="kernel"; "fused": each program of the attention kernel builds its slice
+    from the packed mask bits), _retrieval_union_kernel reads every listed K/V block once for all
+    the group's heads, _combine_kernel (or the last program, fused_reduction) merges the splits."""
     B, Hr, nb = mask_u8.shape
     D = q_r.shape[2]
     dev = q_r.device
     kvs, hr_table, qh_table, gp = retrieval_groups(kv_head_of_r, q_heads)
     NG = len(kvs)
     rows = B * NG
-    idx, cnt = _union_lists(mask_u8, lens, hr_table, NG, gp, window=window, sinks=sinks,
-                            block_size=block_size, cfg=cfg)
+    fast = cfg.union_lists == "fused"
+    if fast:
+        if mask_bits is None:
+            mask_bits = pack_mask_bits(mask_u8)
+        elif mask_bits.shape != (B * Hr, max(-(-nb // 32), 1)) or mask_bits.dtype != torch.int32:
+            raise ValueError(f"mask_bits must be int32 [{B * Hr}, {max(-(-nb // 32), 1)}], got "
+                             f"{mask_bits.dtype} {list(mask_bits.shape)}")
+        idx = torch.empty((rows, max(nb, 1)), dtype=torch.int32, device=dev)
+        cnt = torch.empty((rows,), dtype=torch.int32, device=dev)
+        list_args = _fused_list_args(cfg, nb)
+    else:
+        idx, cnt = _union_lists(mask_u8, lens, hr_table, NG, gp, window=window, sinks=sinks,
+                                block_size=block_size, cfg=cfg)
+        mask_bits, list_args = lens, {}
     if _interpreting() and k_cache.dtype == torch.bfloat16:
         # Triton's CPU interpreter (3.9) returns garbage for bf16 tl.dot; fp32 is exact there
         q_r, k_cache, v_cache = q_r.float(), k_cache.float(), v_cache.float()
@@ -952,11 +1207,7 @@ def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, 
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     if q_r.stride(2) != 1:
         q_r = q_r.contiguous()
-    if cfg.union_num_splits is not None:
-        ns = cfg.union_num_splits
-    else:  # ~4 programs per SM in total
-        ns = -(-4 * _num_sms(dev) // rows)
-    ns = int(max(1, min(ns, cfg.union_max_splits, max(nb, 1))))
+    ns = _union_splits(cfg, rows, nb, dev)
     d_pad = _pow2(D, 16)
     pm = torch.empty((rows * gp * ns,), dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
@@ -967,12 +1218,13 @@ def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, 
     qh = _index_tensor(qh_table, dev)
     _retrieval_union_kernel[(ns, rows)](
         q_r, k_cache, v_cache, _index_tensor(kvs, dev), _index_tensor(hr_table, dev), qh, lens,
-        mask_u8, idx, cnt, pm, pl, pacc, counters if fused else lens, out, q_r.stride(0),
-        q_r.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), Hr, NG, nb, D,
+        mask_u8, idx, cnt, mask_bits, pm, pl, pacc, counters if fused else lens, out,
+        q_r.stride(0), q_r.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), Hr,
+        NG, nb, mask_bits.shape[-1] if fast else 1, D,
         1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, BS=block_size,
         BN=_pow2(block_size, 16), GP=gp, D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused,
-        IEEE=k_cache.dtype == torch.float32, num_warps=cfg.union_num_warps)
+        IEEE=k_cache.dtype == torch.float32, **list_args, num_warps=cfg.union_num_warps)
     if ns > 1 and not fused:
         _combine_kernel[(rows * gp,)](pm, pl, pacc, qh, out, out.stride(0), out.stride(1), NG, D,
                                       GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,
@@ -1095,7 +1347,8 @@ def rtpurbo_decode_triton(q, cache_lens, *, retrieval_heads: Sequence[int],
             q, k_cache, v_cache, kv_head_of_r, mask, cache_lens, window=window, sinks=sinks,
             block_size=block_size, scale=scale, config=cfg, kept=(sel.kept_idx, sel.kept_count),
             out=out, q_heads=retrieval_heads,
-            counters=None if counters is None else counters[n_r:2 * n_r])
+            counters=None if counters is None else counters[n_r:2 * n_r],
+            mask_bits=sel.block_bits)
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
     return DecodeOutput(out=out, block_mask=mask)

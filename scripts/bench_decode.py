@@ -15,6 +15,12 @@ Retrieval attention runs in one of two kernels (TritonDecodeConfig.retrieval_uni
 group's kept blocks is read once for all 8 heads); both are timed in the same run, whichever is
 the default, with their own byte counts. --head-overlap x makes a fraction x of each head's hot
 blocks common to its KV group (default 0: independent heads, the union is largest).
+Union visit lists (TritonDecodeConfig.union_lists): "kernel" (a separate _union_kernel launch)
+or "fused" (packed mask bits written by the select kernel, each union program builds its own
+slice of the list): layer config union_fastlists, retrieval variants union_fastlists_ns_auto /
+union_fastlists_ns256 / union_fastlists_cw256, select variant ssel_k4_bits, and the list build
+alone both ways (part_union_lists = kernel, part_union_lists_fused = the union kernel's list
+prologue alone).
 --indexer-fp8 also runs the selection on float8_e4m3fn indexer keys: selection differences vs the
 bf16 keys, the kept (bf16-key) mass, and the scoring / selection times.
 
@@ -28,6 +34,9 @@ against a device-to-device copy rate of ~3.0 TB/s on the H100 (see shared/anchor
   python scripts/bench_decode.py --seq-lens 32768 131072 1048576 --out decode.json
   python scripts/bench_decode.py --densities 0.05 --modes graph --layers 1of4 \
       --layer-configs default union --parts retrieval --head-overlap 0 0.8 --out union.json
+  python scripts/bench_decode.py --densities 0.05 --modes graph --layers 1of4 \
+      --layer-configs union union_fastlists --parts select retrieval \
+      --retrieval-variants ns_auto union_ns_auto union_fastlists_ns_auto --out fastlists.json
 """
 
 from __future__ import annotations
@@ -432,6 +441,8 @@ def run_decode_bench(args) -> list[dict]:
         "default": base,
         "per_head": C(retrieval_union=False),
         "union": C(retrieval_union=True, union_max_blocks=0),
+        # the union kernel with its visit lists built in the select + union kernels (no extra launch)
+        "union_fastlists": C(retrieval_union=True, union_max_blocks=0, union_lists="fused"),
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
@@ -447,7 +458,10 @@ def run_decode_bench(args) -> list[dict]:
     score_configs = {"score_bpc8_w4": C(), "score_bpc4_w4": C(score_blocks_per_cta=4),
                      "score_bpc16_w8": C(score_blocks_per_cta=16, score_num_warps=8)}
     select_configs = {"ssel_k4": C(), "ssel_k16": C(search_arity=16),
-                      "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True)}
+                      "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True),
+                      # also writes the packed mask bits (union_lists="fused")
+                      "ssel_k4_bits": C(retrieval_union=True, union_max_blocks=0,
+                                        union_lists="fused")}
     retr_configs = {"ns_auto": C(retrieval_union=False),  # per query head
                     "ns32": C(retrieval_union=False, num_splits=32),
                     "ns128": C(retrieval_union=False, num_splits=128, max_splits=128),
@@ -456,7 +470,16 @@ def run_decode_bench(args) -> list[dict]:
                     "union_ns64": C(retrieval_union=True, union_num_splits=64, union_max_blocks=0),
                     "union_ns256": C(retrieval_union=True, union_num_splits=256, union_max_blocks=0,
                                      union_max_splits=256),
-                    "union_w8": C(retrieval_union=True, union_num_warps=8, union_max_blocks=0)}
+                    "union_w8": C(retrieval_union=True, union_num_warps=8, union_max_blocks=0),
+                    # union kernel, visit lists from the select kernel's mask bits (no list launch)
+                    "union_fastlists_ns_auto": C(retrieval_union=True, union_max_blocks=0,
+                                                 union_lists="fused"),
+                    "union_fastlists_ns256": C(retrieval_union=True, union_num_splits=256,
+                                               union_max_blocks=0, union_max_splits=256,
+                                               union_lists="fused"),
+                    # the union count in 2 tiles of 256 words at 1M tokens (default: 1 of 512)
+                    "union_fastlists_cw256": C(retrieval_union=True, union_max_blocks=0,
+                                               union_lists="fused", union_word_tile=256)}
     keep_retr = getattr(args, "retrieval_variants", None)
     if keep_retr:
         unknown = set(keep_retr) - set(retr_configs)
@@ -586,7 +609,19 @@ def run_decode_bench(args) -> list[dict]:
                 bench_fp8(largs, mask, key, suffix, L, g_ms, nbytes, sel_kw)
             s = td.select_decode_blocks_triton(*sel_args, **sel_kw)
             retr = [h for h in range(HQ) if largs["is_retrieval"][h]]
+            fl_cfg = C(retrieval_union=True, union_max_blocks=0, union_lists="fused")
             if "retrieval" in parts:
+                # the packed mask bits that the select kernel writes for union_lists="fused"
+                sb = td.select_decode_blocks_triton(*sel_args, **sel_kw, config=fl_cfg)
+                same = torch.equal(sb.block_mask, s.block_mask)
+                bits = sb.block_bits if same else td.pack_mask_bits(s.block_mask)
+                bits_eq = torch.equal(sb.block_bits, td.pack_mask_bits(sb.block_mask))
+                ok = same and bits_eq
+                checks[f"{key}_select_bits"] = "ok" if ok else dict(
+                    failed=f"masks equal {same}, select bits == packed mask {bits_eq}")
+                if not ok:
+                    print(f"  CHECK FAILED {key}: select bits {checks[f'{key}_select_bits']}",
+                          flush=True)
                 # every variant's output vs the per-head kernel's (itself checked against the
                 # reference in check_layer: the whole layer's default / per_head config)
                 ref_out = td.retrieval_decode_triton(
@@ -599,7 +634,7 @@ def run_decode_bench(args) -> list[dict]:
                         largs["q"], largs["k_cache"], largs["v_cache"], largs["kv_head_of_r"],
                         s.block_mask, largs["cache_lens"], window=WINDOW, sinks=SINKS,
                         block_size=BLOCK, config=cfg, kept=(s.kept_idx, s.kept_count),
-                        q_heads=retr)
+                        q_heads=retr, mask_bits=bits if cfg.union_lists == "fused" else None)
                     try:
                         err = rel_err(att()[:, retr], ref_out)
                     except Exception as e:  # e.g. a split count that does not compile
@@ -620,12 +655,29 @@ def run_decode_bench(args) -> list[dict]:
                              retrieval_kernel="union" if u else "per_head",
                              head_overlap=overlap, block_reads=nbytes["union_blocks"]
                              if u else nbytes["per_head_blocks"])
-                # the union kernel's visit-list build alone (part of union_ns_auto above)
+                # the union kernel's visit-list build alone, both ways: the _union_kernel launch
+                # (part of union_ns_auto above) and the fused lists' prologue of the union kernel
+                # alone (LISTS_ONLY launch, same splits as union_fastlists_ns_auto; the select
+                # kernel's bit writing is ssel_k4_bits vs ssel_k4)
+                lkw = dict(window=WINDOW, sinks=SINKS, block_size=BLOCK)
                 ul = lambda: td.union_visit_lists(  # noqa: E731
-                    s.block_mask, largs["cache_lens"], largs["kv_head_of_r"], window=WINDOW,
-                    sinks=SINKS, block_size=BLOCK)
+                    s.block_mask, largs["cache_lens"], largs["kv_head_of_r"], **lkw,
+                    config=C(union_lists="kernel"))
+                ulf = lambda: td.union_visit_lists(  # noqa: E731
+                    s.block_mask, largs["cache_lens"], largs["kv_head_of_r"], **lkw,
+                    config=fl_cfg, mask_bits=bits)
+                a_idx, a_cnt = ul()
+                b_idx, b_cnt = ulf()
+                ok = torch.equal(a_cnt, b_cnt) and all(
+                    torch.equal(a_idx[i, :n], b_idx[i, :n]) for i, n in enumerate(a_cnt.tolist()))
+                checks[f"{key}_union_lists_fused_vs_kernel"] = "equal" if ok else dict(
+                    failed="fused union lists != _union_kernel lists")
+                if not ok:
+                    print(f"  CHECK FAILED {key}: fused union lists != _union_kernel lists", flush=True)
                 add_part(f"part_union_lists{suffix}", L, ul, g_ms, s.block_mask.numel(),
-                         config="union_lists")
+                         config="union_lists_kernel")
+                add_part(f"part_union_lists_fused{suffix}", L, ulf, g_ms, bits.numel() * 4,
+                         config="union_lists_fused")
         if "ring_k" in largs and "local" in parts and dens in (None, densities[0]) and not ov:
             local = [h for h in range(HQ) if not largs["is_retrieval"][h]]
             for cname, cfg in local_configs.items():
@@ -737,12 +789,13 @@ def main(argv=None):
     p.add_argument("--layers", nargs="+", default=["1of4", "0of4"], choices=["1of4", "0of4"])
     p.add_argument("--layer-configs", nargs="+", default=None,
                    help="whole-layer configs to time besides 'default' (union / per_head, "
-                        "no_overlap, fused_all; default: all)")
+                        "union_fastlists, no_overlap, fused_all; default: all)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
                    help="part timings to run (default: all)")
     p.add_argument("--retrieval-variants", nargs="+", default=None,
                    help="part_retrieval_attn variants to time (ns_auto ns32 ns128 union_ns_auto "
-                        "union_ns64 union_ns256 union_w8; default: all)")
+                        "union_ns64 union_ns256 union_w8 union_fastlists_ns_auto "
+                        "union_fastlists_ns256 union_fastlists_cw256; default: all)")
     p.add_argument("--indexer-fp8", action="store_true",
                    help="also select on float8_e4m3fn indexer keys: blocks differing from the "
                         "bf16 selection, kept mass, scoring / select times")

@@ -258,10 +258,16 @@ def check_decode(ck: Checker, dev):
     # kernels (the one that is not the default is added; on CUDA also the union kernel with 3
     # splits and the last-program merge)
     layer_variants = dict(variants)
-    extra = {"union": C(retrieval_union=True, union_max_blocks=0), "per_head": C(retrieval_union=False)}
+    extra = {"union": C(retrieval_union=True, union_max_blocks=0), "per_head": C(retrieval_union=False),
+             # union visit lists from the select kernel's packed mask bits (no _union_kernel launch)
+             "union_fastlists": C(retrieval_union=True, union_max_blocks=0, union_lists="fused")}
     if cuda:
         extra["union_fused_ns3"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3,
                                      union_max_blocks=0)
+        # fused lists with 1-word tiles / 1-word expansion: the multi-tile paths of the list build
+        extra["union_fastlists_ns3_w1"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3,
+                                            union_max_blocks=0, union_lists="fused", union_word_tile=1,
+                                            union_expand_words=1)
     for name, cfg in extra.items():
         if cfg not in layer_variants.values():
             layer_variants[name] = cfg
@@ -303,9 +309,17 @@ def check_decode(ck: Checker, dev):
             want = sd.retrieval_decode_reference(up["q"][:, retr], up["k_cache"], up["v_cache"], [0, 1, 1, 0],
                                                  ref.block_mask, lens, window=window, sinks=sinks, block_size=BS)
             ck.add(f"decode retrieval_decode alone {tag}", rel_err(att, want), tol)
-            alone[cfg.retrieval_union] = att
-        if len(alone) == 2:  # the GQA-union kernel == the per-head kernel on the same mask
+            if cfg.union_lists == "kernel" or not cfg.retrieval_union:
+                alone[cfg.retrieval_union] = att
+            elif name == "union_fastlists":
+                alone["fast"] = att
+        if True in alone and False in alone:  # the GQA-union kernel == the per-head kernel on the same mask
             ck.add(f"decode retrieval union vs per-head {impl} {dt}", rel_err(alone[True], alone[False]), tol)
+        if "fast" in alone and True in alone and impl == "triton":
+            # same blocks, same order, same splits: expected bit for bit (the interpreter is); the tolerance
+            # only allows for the compiler scheduling the two kernels' float ops differently
+            ck.add(f"decode retrieval union fastlists vs union kernel lists {impl} {dt}",
+                   rel_err(alone["fast"], alone[True]), 0.0 if not cuda else tol * 0.05)
 
 
 def main(argv=None) -> int:

@@ -559,6 +559,91 @@ def test_retrieval_union_empty_mask_and_in_place_rows(td):
     assert rel_err(out[:, rows], ref) < 1e-5 and (out[:, [1, 4]] == 7.0).all()
 
 
+def pack_bits_brute(mask):
+    """[B, H, nB] bool -> [B*H, ceil(nB/32)] int32 words, bit j of word w = block 32 w + j."""
+    B, H, nb = mask.shape
+    nw = max(-(-nb // 32), 1)
+    m = torch.zeros(B * H, nw * 32, dtype=torch.int64)
+    m[:, :nb] = mask.reshape(B * H, nb).long()
+    words = (m.view(B * H, nw, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+# name: (kv_of, Hkv, mask density, lens, (window, sinks), union_word_tile, union_expand_words, splits)
+FASTLIST_CASES = {
+    "noncontig_dense_one_tile": ([0, 1, 1, 0], 2, 0.9, [1300, 777, 41], (40, 4), 256, 8, 3),
+    "groups_of_1_sparse_word_tiles": ([2, 0, 3, 1], 4, 0.05, [1300, 777, 41], (40, 20), 1, 1, 4),
+    "irregular_3_1_ns1": ([1, 1, 0, 1], 2, 0.3, [1300, 33, 1000], (100, 4), 2, 1, 1),
+    "empty_groups": ([1, 1, 1, 1], 2, 0.0, [1300, 700, 1], (0, 0), 2, 2, 5),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(FASTLIST_CASES))
+def test_union_fused_lists(td, name):
+    """union_lists="fused": each split program of the union kernel counts its group's union from
+    the packed mask bits and writes its slice of the visit list (LISTS_ONLY here) == a written-out
+    union (82 blocks = 3 bit words, words with bit 31 set, word tiles of 1 / 2 / 256 words,
+    expansion of 1 / 2 / 8 words, 1 / 3 / 4 / 5 splits incl. empty ones, batch 3 of different
+    lengths, a mask that also marks blocks beyond L (never listed), groups of 1, non-contiguous
+    and irregular groups, empty groups: no mask, window or sinks); the attention over those lists
+    (two cases, one with 2-word tiles) == the "kernel" lists' output bit for bit == the float64
+    reference."""
+    kv_of, hkv, dens, lens_l, (win, snk), cw, ew, ns = FASTLIST_CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    lens = torch.tensor(lens_l)
+    L, D = 1300, 32
+    mask = torch.rand(3, 4, -(-L // BS), generator=g) < dens
+    bits = td.pack_mask_bits(mask)
+    assert torch.equal(bits, pack_bits_brute(mask))
+    kw = dict(window=win, sinks=snk, block_size=BS)
+    c = dict(retrieval_union=True, union_max_blocks=0, union_num_splits=ns)
+    fast = cfg(td, union_lists="fused", union_word_tile=cw, union_expand_words=ew, **c)
+    idx, cnt = td.union_visit_lists(mask, lens, kv_of, config=fast, **kw)
+    want = union_lists_brute(mask, lens, kv_of, BS, win, snk)
+    assert [idx[i, :int(n)].tolist() for i, n in enumerate(cnt)] == want
+    if dens == 0.0:
+        assert int(cnt.sum()) == 0
+    if name not in ("noncontig_dense_one_tile", "irregular_3_1_ns1"):  # lists only (time)
+        return
+    q = torch.randn(3, 4, D, generator=g)
+    k = poison_beyond(torch.randn(3, hkv, L, D, generator=g), lens)
+    v = poison_beyond(torch.randn(3, hkv, L, D, generator=g), lens)
+    got = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton", config=fast, **kw)
+    old = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton", config=cfg(td, **c), **kw)
+    assert torch.equal(got, old)
+    if ns == 1:  # bits handed in (as the select kernel's) instead of packed from the mask
+        given = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton", config=fast,
+                                    mask_bits=pack_bits_brute(mask), **kw)
+        assert torch.equal(given, got)
+    ref = sd.retrieval_decode_reference(q.double(), k.double(), v.double(), kv_of, mask, lens, **kw)
+    assert rel_err(got, ref) < 1e-5
+
+
+@needs_triton
+def test_select_writes_mask_bits(td):
+    """union_lists="fused": the select kernel (separate, tiled: 38 blocks > 32; or fused into
+    scoring, its 8-block tile raised to 32: whole words) also writes its mask rows packed as bits;
+    the mask is the one selected without bits; no bits for the other configs."""
+    lens = torch.tensor([600, 41])
+    qi, ki = indexer_inputs(2, 2, 600, seed=4)
+    ki = poison_beyond(ki, lens)
+    kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
+    for fused, tile in ((False, 32), (True, 4096)):
+        c = dict(fused_select=fused, select_wide_tile=tile)
+        mask, bits = sd.select_decode_blocks(qi, ki, lens, **kw, impl="triton", return_bits=True,
+                                             config=cfg(td, retrieval_union=True, union_max_blocks=0,
+                                                        union_lists="fused", **c))
+        assert torch.equal(bits, pack_bits_brute(mask))
+        if fused:  # its tile changed (8 -> 32 blocks): the same selection
+            plain = td.select_decode_blocks_triton(qi, ki, lens, **kw, config=cfg(td, **c))
+            assert plain.block_bits is None
+            assert torch.equal(mask, plain.block_mask)
+    # a view of more blocks than union_max_blocks runs the per-head kernel: no bits written
+    c = cfg(td, retrieval_union=True, union_max_blocks=8, union_lists="fused")
+    assert td.select_decode_blocks_triton(qi, ki, lens, **kw, config=c).block_bits is None
+
+
 # ------------------------------------------------------------------------------ local heads
 
 
@@ -671,6 +756,20 @@ def test_rtpurbo_matches_reference(td, fused, union):
     assert rel_err(got.out[:, retr], want) < 1e-5
     local = [0, 2, 3, 4, 5]
     assert rel_err(got.out[:, local], ref.out[:, local]) < 1e-5
+
+
+@needs_triton
+def test_rtpurbo_union_fused_lists(td, fused_select=False):
+    """Whole layer with union_lists="fused" (select kernel writes the mask bits, the union kernel
+    builds its own lists) == the same layer with the _union_kernel lists, bit for bit."""
+    roles = [False, True, False, False, False, False, True, True]
+    args, _ = layer_case([320, 187, 25], roles)
+    kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
+    c = dict(fused_select=fused_select, num_splits=3, local_num_splits=2, union_num_splits=3,
+             retrieval_union=True, union_max_blocks=0)
+    a = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, **c))
+    b = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, union_lists="fused", **c))
+    assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.out, b.out)
 
 
 @needs_triton
@@ -862,8 +961,9 @@ def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
     ns = __import__("argparse").Namespace(
         seq_lens=[400], densities=[0.2], modes=["graph"], dtype="fp16", device="cpu",
         decode_out=str(tmp_path / "d.json"), head_overlap=[0.5], layers=["1of4"],
-        layer_configs=["union", "per_head"], parts=["retrieval"], indexer_fp8=True,
-        retrieval_variants=["ns_auto", "union_ns_auto", "union_ns64"])
+        layer_configs=["union", "per_head", "union_fastlists"], parts=["retrieval"],
+        indexer_fp8=True, retrieval_variants=["ns_auto", "union_ns_auto", "union_ns64",
+                                              "union_fastlists_ns_auto"])
     rows = bd.run_decode_bench(ns)
     bd.print_table(rows, ns.head_overlap)
     res = json.loads((tmp_path / "d.json").read_text())
@@ -884,6 +984,14 @@ def test_bench_dry_run_union_overlap_fp8(td, monkeypatch, tmp_path, capsys):
     part = by["part_retrieval_attn_d0.2_ov0.5_union_ns_auto"]
     assert part["bytes"] == det["retrieval_union"] and part["block_reads"] == det["union_blocks"]
     assert by["part_retrieval_attn_d0.2_ov0.5_ns_auto"]["bytes"] == det["retrieval"]
+    # union lists from the select kernel's bits: same bytes, both list builds timed, lists equal
+    fl = by["part_retrieval_attn_d0.2_ov0.5_union_fastlists_ns_auto"]
+    assert fl["bytes"] == det["retrieval_union"] and fl["retrieval_kernel"] == "union"
+    assert by["rtp_1of4_d0.2_ov0.5_union_fastlists"]["bytes"] == det["total_union"]
+    assert "part_union_lists_d0.2_ov0.5" in by and "part_union_lists_fused_d0.2_ov0.5" in by
+    checks = res["meta"]["checks"]
+    assert checks["rtp_1of4_d0.2_ov0.5_L400_union_lists_fused_vs_kernel"] == "equal"
+    assert checks["rtp_1of4_d0.2_ov0.5_L400_select_bits"] == "ok"
     fp8 = res["meta"]["checks"]["rtp_1of4_d0.2_ov0.5_L400_indexer_fp8"]
     assert fp8["kept_mass_fp8_min"] >= 0.9 - 1e-4 and "part_score_d0.2_ov0.5_fp8" in by
     assert "head_overlap = 0.5" in capsys.readouterr().out
@@ -948,3 +1056,10 @@ def test_union_rule_by_view_length():
     assert not tdm.uses_union(C(retrieval_union=True, union_max_blocks=4096), 4097)
     assert tdm.uses_union(C(retrieval_union=True, union_max_blocks=0), 1 << 20)
     assert not tdm.uses_union(C(retrieval_union=False, union_max_blocks=0), 16)
+    # the select kernel writes mask bits only for the union kernel's fused lists
+    assert tdm.uses_mask_bits(C(retrieval_union=True, union_max_blocks=0, union_lists="fused"), 16)
+    assert not tdm.uses_mask_bits(C(retrieval_union=True, union_max_blocks=8, union_lists="fused"), 16)
+    assert not tdm.uses_mask_bits(C(retrieval_union=True, union_max_blocks=0, union_lists="kernel"), 16)
+    assert C().union_lists == tdm.UNION_LISTS_DEFAULT
+    with pytest.raises(ValueError, match="union_lists"):
+        C(union_lists="parallel")
