@@ -611,12 +611,13 @@ def _retrieval_attn_kernel(q_ptr, k_ptr, v_ptr, kvh_ptr, qh_ptr, lens_ptr, mask_
 
 @triton.jit
 def _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr):
-    """One KV tile for a group of query heads: q [GP, D], k/v [N, D], keep [N]."""
+    """One KV tile for a group of query heads: q [GP, D], k/v [N, D], keep [1, N] (the same keys for
+    every head) or [GP, N] (each head its own kept keys)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(keep[None, :], s * scale, float("-inf"))
+    s = tl.where(keep, s * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
@@ -669,7 +670,7 @@ def _local_attn_kernel(q_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, heads_ptr, lens_pt
                     + d[None, :], mask=lm, other=0.0)
         v = tl.load(sv_ptr + b.to(tl.int64) * s_svb + kvh * s_svh + ts[:, None] * s_svl
                     + d[None, :], mask=lm, other=0.0)
-        m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
+        m, lsum, acc = _online_update_group(q, k, v, keep[None, :], m, lsum, acc, scale, IEEE)
 
     rk = rk_ptr + b.to(tl.int64) * s_rkb + kvh.to(tl.int64) * s_rkh
     rv = rv_ptr + b.to(tl.int64) * s_rvb + kvh.to(tl.int64) * s_rvh
@@ -680,7 +681,7 @@ def _local_attn_kernel(q_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, heads_ptr, lens_pt
         lm = keep[:, None] & dm[None, :]
         k = tl.load(rk + slot[:, None] * s_rkl + d[None, :], mask=lm, other=0.0)
         v = tl.load(rv + slot[:, None] * s_rvl + d[None, :], mask=lm, other=0.0)
-        m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
+        m, lsum, acc = _online_update_group(q, k, v, keep[None, :], m, lsum, acc, scale, IEEE)
 
     if NS == 1:
         o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
@@ -744,28 +745,6 @@ def _union_kernel(mask_ptr, lens_ptr, hr_ptr, idx_ptr, cnt_ptr, H, NG, n_blocks,
             keep = keep | (tl.load(row + blk, mask=lm, other=0, cache_modifier=".cg") != 0)
         cnt = _append_kept(idx_row, blk, keep & in_range, cnt)
     tl.store(cnt_ptr + bg, cnt)
-
-
-@triton.jit
-def _online_update_rows(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr):
-    """One KV tile for a group of query heads, each with its own kept keys: q [GP, D],
-    k/v [N, D], keep [GP, N]."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(keep, s * scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    lsum = lsum * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p, v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return m_new, lsum, acc
 
 
 @triton.jit(do_not_specialize=["window", "sinks"])
@@ -868,7 +847,7 @@ def _union_attend(q_ptr, k_ptr, v_ptr, mask_ptr, idx_row, pm_ptr, pl_ptr, pacc_p
         lm = valid[:, None] & dm[None, :]
         k = tl.load(kbase + t[:, None].to(tl.int64) * s_kl + d[None, :], mask=lm, other=0.0)
         v = tl.load(vbase + t[:, None].to(tl.int64) * s_vl + d[None, :], mask=lm, other=0.0)
-        m, lsum, acc = _online_update_rows(q, k, v, keep, m, lsum, acc, scale, IEEE)
+        m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
     if NS == 1:
         o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
         tl.store(out_ptr + b * s_ob + qh[:, None] * s_oh + d[None, :],
