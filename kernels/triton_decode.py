@@ -631,6 +631,37 @@ def _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE: tl.constexpr)
     return m_new, lsum, acc
 
 
+@triton.jit
+def _finish_group(m, lsum, acc, heads, heads_row, pid_row, split, b, out_ptr, s_ob, s_oh, pm_ptr, pl_ptr,
+                  pacc_ptr, counter_ptr, D, GP: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr,
+                  D_PAD: tl.constexpr, FUSED: tl.constexpr):
+    """End of a split program over a group of query heads (local and GQA-union kernels): with one split the
+    normalised rows; else this split's partial (max, sum, acc) rows, and with FUSED the last program to
+    finish merges every split. heads [GP]: the rows' query heads (-1 = padding, never stored), also at
+    heads_row in memory; pid_row: the (batch, group) index of the program's partial rows and counter."""
+    d = tl.arange(0, D_PAD)
+    hm = heads >= 0
+    if NS == 1:
+        o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
+        tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & (d < D)[None, :])
+    else:
+        rows = (pid_row * GP + tl.arange(0, GP)) * NS + split
+        tl.store(pm_ptr + rows, m, mask=hm)
+        tl.store(pl_ptr + rows, lsum, mask=hm)
+        tl.store(pacc_ptr + rows[:, None] * D_PAD + d[None, :], acc, mask=hm[:, None])
+        if FUSED:
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + pid_row, 1, sem="acq_rel", scope="gpu")
+            if done == NS - 1:
+                for gi in range(GP):
+                    head = tl.load(heads_row + gi)
+                    if head >= 0:
+                        row0 = (pid_row * GP + gi) * NS
+                        _combine_row(pm_ptr + row0, pl_ptr + row0, pacc_ptr + row0 * D_PAD,
+                                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+
+
 @triton.jit(do_not_specialize=["window", "sinks"])
 def _local_attn_kernel(q_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, heads_ptr, lens_ptr, pm_ptr, pl_ptr,
                        pacc_ptr, counter_ptr, out_ptr, s_qb, s_qh, s_skb, s_skh, s_skl, s_svb,
@@ -683,25 +714,8 @@ def _local_attn_kernel(q_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, heads_ptr, lens_pt
         v = tl.load(rv + slot[:, None] * s_rvl + d[None, :], mask=lm, other=0.0)
         m, lsum, acc = _online_update_group(q, k, v, keep[None, :], m, lsum, acc, scale, IEEE)
 
-    if NS == 1:
-        o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
-        tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
-    else:
-        rows = (bk * GP + g) * NS + split
-        tl.store(pm_ptr + rows, m)
-        tl.store(pl_ptr + rows, lsum)
-        tl.store(pacc_ptr + rows[:, None] * D_PAD + d[None, :], acc)
-        if FUSED:
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr + bk, 1, sem="acq_rel", scope="gpu")
-            if done == NS - 1:
-                for gi in range(GP):
-                    head = tl.load(heads_ptr + kvh * GP + gi)
-                    if head >= 0:
-                        row0 = (bk * GP + gi) * NS
-                        _combine_row(pm_ptr + row0, pl_ptr + row0, pacc_ptr + row0 * D_PAD,
-                                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+    _finish_group(m, lsum, acc, heads, heads_ptr + kvh * GP, bk, split, b, out_ptr, s_ob, s_oh, pm_ptr,
+                  pl_ptr, pacc_ptr, counter_ptr, D, GP, NS, NS_PAD, D_PAD, FUSED)
 
 
 @triton.jit
@@ -848,25 +862,8 @@ def _union_attend(q_ptr, k_ptr, v_ptr, mask_ptr, idx_row, pm_ptr, pl_ptr, pacc_p
         k = tl.load(kbase + t[:, None].to(tl.int64) * s_kl + d[None, :], mask=lm, other=0.0)
         v = tl.load(vbase + t[:, None].to(tl.int64) * s_vl + d[None, :], mask=lm, other=0.0)
         m, lsum, acc = _online_update_group(q, k, v, keep, m, lsum, acc, scale, IEEE)
-    if NS == 1:
-        o = tl.where(lsum[:, None] > 0, acc / lsum[:, None], 0.0)
-        tl.store(out_ptr + b * s_ob + qh[:, None] * s_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
-    else:
-        rows = (bg * GP + g) * NS + split  # padding rows are never merged: not stored
-        tl.store(pm_ptr + rows, m, mask=hm)
-        tl.store(pl_ptr + rows, lsum, mask=hm)
-        tl.store(pacc_ptr + rows[:, None] * D_PAD + d[None, :], acc, mask=hm[:, None])
-        if FUSED:
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr + bg, 1, sem="acq_rel", scope="gpu")
-            if done == NS - 1:
-                for gi in range(GP):
-                    head = tl.load(qh_ptr + grp * GP + gi)
-                    if head >= 0:
-                        row0 = (bg * GP + gi) * NS
-                        _combine_row(pm_ptr + row0, pl_ptr + row0, pacc_ptr + row0 * D_PAD,
-                                     out_ptr + b * s_ob + head * s_oh, D, NS, NS_PAD, D_PAD)
+    _finish_group(m, lsum, acc, qh, qh_ptr + grp * GP, bg, split, b, out_ptr, s_ob, s_oh, pm_ptr,
+                  pl_ptr, pacc_ptr, counter_ptr, D, GP, NS, NS_PAD, D_PAD, FUSED)
 
 
 # --------------------------------------------------------------------------------------------
