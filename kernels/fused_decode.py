@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_decode import _num_sms as num_sms  # SM count per device (4 off CUDA), one cache
+
 MAX_ROWS = 16  # tokens per decode step the GEMV kernels are written for (one row block of BM <= 16)
 _TILE = 8192  # fp32 elements of a program's [BM, BN, BK] product tile
 _TILE_INTERP = 1 << 16  # the same off CUDA (interpreter: fewer, larger programs)
@@ -70,18 +72,6 @@ def rnd_mode(dtype: torch.dtype) -> int:
 
 def _interpreting() -> bool:
     return not isinstance(_norm_linear_kernel, triton.runtime.JITFunction)
-
-
-_sm_cache: dict = {}
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: small grids keep the CPU tests fast
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_cache:
-        _sm_cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sm_cache[idx]
 
 
 def _pow2(n: int) -> int:
