@@ -12,32 +12,18 @@ if Triton did not execute.
 
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import sparse_decode as sd
+from tests.triton_interp import interpreter_ready, run_module_in_interpreter
 
 BS = 16  # small key blocks keep the interpreter fast while giving many blocks per head
 CHILD_FLAG = "RTPURBO_DECODE_TEST_CHILD"
 
 
-def _interpreter_ready() -> bool:
-    """True if triton here runs on CPU tensors (env set before triton's first import)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton
-        import triton.language.standard as std
-    except ImportError:
-        return False
-    return not isinstance(std.sum, triton.runtime.JITFunction)
-
-
-INTERPRETER_READY = _interpreter_ready()
+INTERPRETER_READY = interpreter_ready()
 needs_triton = pytest.mark.skipif(
     not INTERPRETER_READY,
     reason="Triton kernels run in the TRITON_INTERPRET=1 subprocess test of this module")
@@ -47,14 +33,7 @@ needs_triton = pytest.mark.skipif(
                     reason="the kernel tests already run in this process (or this is the child)")
 def test_triton_kernels_in_interpreter_subprocess():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_FLAG: "1"})
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
-                        "-o", "addopts=", "-p", "no:cacheprovider"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=900)
-    tail = r.stdout[-6000:] + r.stderr[-3000:]
-    assert r.returncode == 0, tail
-    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+    run_module_in_interpreter(__file__, CHILD_FLAG)
 
 
 @pytest.fixture()

@@ -9,12 +9,13 @@ TRITON_INTERPRET=1 set from the start (as tests/test_kernels_decode.py does).
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.triton_interp import interpreter_ready, run_module_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_FLAG = "MOE_DECODE_TEST_CHILD"
@@ -22,18 +23,7 @@ CHILD_FLAG = "MOE_DECODE_TEST_CHILD"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _interpreter_ready() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton
-        import triton.language.standard as std
-    except ImportError:
-        return False
-    return not isinstance(std.sum, triton.runtime.JITFunction)
-
-
-INTERPRETER_READY = _interpreter_ready()
+INTERPRETER_READY = interpreter_ready()
 needs_triton = pytest.mark.skipif(not INTERPRETER_READY,
                                   reason="runs in the TRITON_INTERPRET=1 subprocess test of this module")
 
@@ -42,12 +32,7 @@ needs_triton = pytest.mark.skipif(not INTERPRETER_READY,
                     reason="the kernel tests already run in this process (or this is the child)")
 def test_in_interpreter_subprocess():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_FLAG: "1"})
-    r = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q", "-o", "addopts=",
-                        "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    tail = r.stdout[-6000:] + r.stderr[-3000:]
-    assert r.returncode == 0, tail
-    assert " passed" in r.stdout and "failed" not in r.stdout, tail
+    run_module_in_interpreter(__file__, CHILD_FLAG)
 
 
 
@@ -211,17 +196,6 @@ def test_router_topk(dt):
 
 
 # ---------------------------------------------------------------------------- the engine's fused step
-def _teacher_forced(eng, prompts, forced):
-    B = len(prompts)
-    tok = torch.zeros(B, max(map(len, prompts)), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tok[b, : len(p)] = torch.tensor(p)
-    out = [eng.prefill(tok, [len(p) for p in prompts])]
-    for step in forced:
-        out.append(eng.decode_step(torch.tensor(step)))
-    return torch.stack(out)
-
-
 @needs_triton
 @pytest.mark.parametrize("kind", ["moe", "rtpurbo"])
 def test_engine_fused_step_matches_unfused(kind):
@@ -232,7 +206,7 @@ def test_engine_fused_step_matches_unfused(kind):
     sys.path.insert(0, str(ROOT / "tests"))
     from models.inference import InferenceEngine
     from models.qwen3 import build_model, get_flavor
-    from test_inference import prompt, rtpurbo_copy
+    from test_inference import _teacher_forced, prompt, rtpurbo_copy
 
     torch.manual_seed(0)
     if kind == "moe":
