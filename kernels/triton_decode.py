@@ -60,18 +60,25 @@ _F32_INF_BITS = 0x7F800000  # bit pattern of +inf: above every finite non-negati
 # Retrieval attention kernel used by default: False = one query head per program
 # (_retrieval_attn_kernel), True = one program per (split, retrieval KV head) over the union of the
 # group's kept blocks (_retrieval_union_kernel). H100, 2026-11-25 (docs/kernels.md, bench_decode, d 5%,
-# whole 1of4 layer): union faster at 32K / 128K with independent or overlapping heads and at 1M with
-# head overlap 0.8 (244.9 vs 259.3 us); slower only at 1M with independent heads (281.7 vs 270.4 us).
+# whole 1of4 layer, union with fused visit lists vs per-head): 40.5 vs 49.4 us at 32K, 68.2 vs 75.6 at
+# 128K, 259.8 vs 270.5 at 1M with independent heads (220.6 vs 258.9 with head overlap 0.8).
 RETRIEVAL_UNION_DEFAULT = True
-# ... but only up to this many blocks in the cache view (4096 x 64 = 256K tokens): at 1M with independent
-# heads the per-head kernel measured faster; 0 = no limit. The rule depends only on the (static) view
-# length, so a CUDA-graph bucket always runs the same kernel.
-UNION_MAX_BLOCKS_DEFAULT = 4096
-# How the union kernel gets its visit lists: "kernel" = the separate _union_kernel launch (measured
-# 8.1 / 9.5 / 30.0 us at 32K / 128K / 1M on the H100), "fused" = packed mask bits written by the
-# select kernel, each union program builds its own slice (no extra launch; GPU: not yet measured).
-UNION_LISTS_DEFAULT = "kernel"
+# The union only for cache views of <= this many blocks; 0 = any length. (With its visit lists built by a
+# separate launch the union lost at 1M with independent heads and was capped at 4096 blocks; with the fused
+# lists it is the fastest at every measured length.) The rule depends only on the (static) view length, so
+# a CUDA-graph bucket always runs the same kernel.
+UNION_MAX_BLOCKS_DEFAULT = 0
+# How the union kernel gets its visit lists: "kernel" = the separate _union_kernel launch (8.1 / 9.6 /
+# 29.8 us at 32K / 128K / 1M on the H100), "fused" = packed mask bits written by the select kernel, each
+# union program builds its own slice (no extra launch; retrieval part 26.7 vs 31.4 us at 128K, 89.5 vs
+# 111.4 at 1M, same H100 run).
+UNION_LISTS_DEFAULT = "fused"
 UNION_LISTS_CHOICES = ("kernel", "fused")
+# Top-p select of long views (> select_wide_tile blocks): True = a candidate pass over the blocks by many
+# programs, then one program per head searches the candidates in registers; False = one program per head
+# streams every pass over all blocks itself (H100: select = scoring + search 169 us at 1M, ~64 us of it
+# the search).
+SELECT_SPLIT_DEFAULT = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,10 @@ class TritonDecodeConfig:
     """Launch knobs of the decode kernels (defaults chosen by measurement, see docs/kernels.md)."""
 
     fused_select: bool = False  # top-p search in the last scoring program instead of a 2nd launch
+    # views of more blocks than select_wide_tile: candidates gathered by a many-program pass first
+    # (_candidates_kernel), then the search per head over them in registers (_select_split_kernel)
+    select_split: bool = SELECT_SPLIT_DEFAULT
+    select_split_tile: int = 1024  # min blocks per program of the candidate pass (<= 16 programs/head)
     fused_reduction: bool = False  # split-K merge in the last program (atomic counter)
     search_arity: int = 4  # thresholds per pass of the top-p search (power of 2; 1 = bisection)
     overlap_local: bool = True  # CUDA: local heads on a side stream, beside select + retrieval
@@ -516,6 +527,140 @@ def _select_kernel(lse_ptr, chunk_ptr, lens_ptr, mask_ptr, idx_ptr, cnt_ptr, bit
                  mask_ptr + bh * n_blocks, idx_ptr + bh * n_blocks, cnt_ptr + bh, L, n_blocks,
                  top_p, window, sinks, bits_ptr + bh * NW, NW, BS, SEARCH_K, TILE, RESIDENT,
                  MAX_2D, WRITE_BITS)
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _candidates_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, cand_ptr, part_ptr, mask_ptr, bits_ptr,
+                       H, n_blocks, n_chunks, NW, top_p, window, sinks, BS: tl.constexpr,
+                       CTILE: tl.constexpr, ZTILE: tl.constexpr, NT_PAD: tl.constexpr,
+                       WRITE_BITS: tl.constexpr):
+    """Split select, pass 1 (grid tiles of CTILE blocks x B*Hr): the normaliser Z (every program
+    computes it from the chunk LSEs; tile 0 stores it), this tile's pruning candidates (free blocks
+    of mass > tau, the bound of _select_head) stored ascending in the tile's own slot of cand_ptr,
+    their count, their mass and the tile's forced mass (part_ptr: 3 x NT_PAD floats per row), and
+    the tile's mask bytes and bit words zeroed (the select pass writes only the kept ones)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    L = tl.load(lens_ptr + bh // H).to(tl.int32)
+    chunk_row = chunk_ptr + bh * n_chunks
+    oz = tl.arange(0, ZTILE)
+    M = tl.full([], float("-inf"), tl.float32)
+    for c0 in range(0, n_chunks, ZTILE):
+        x = tl.load(chunk_row + c0 + oz, mask=c0 + oz < n_chunks, other=float("-inf"),
+                    cache_modifier=".cg")
+        M = tl.maximum(M, tl.max(x, 0))
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    S = tl.zeros([], tl.float32)
+    for c0 in range(0, n_chunks, ZTILE):
+        x = tl.load(chunk_row + c0 + oz, mask=c0 + oz < n_chunks, other=float("-inf"),
+                    cache_modifier=".cg")
+        S += tl.sum(tl.exp(x - M_safe), 0)
+    Z = M_safe + tl.log(S)
+    if t == 0:
+        tl.store(z_ptr + bh, Z)
+    nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
+    blk = t * CTILE + tl.arange(0, CTILE)
+    valid = blk < nb
+    lse = tl.load(lse_ptr + bh * n_blocks + blk, mask=valid, other=float("-inf"),
+                  cache_modifier=".cg")
+    w = tl.where(valid, tl.exp(lse - Z), 0.0)
+    forced = _is_forced(blk, nb, sb_end, wb_lo)
+    free = valid & (blk >= sb_end) & (blk < wb_lo)
+    tau = 0.5 * (1.0 - top_p) / (nb + 1).to(tl.float32)  # -inf when top_p = inf: every free block
+    cand = free & (w > tau)
+    c32 = cand.to(tl.int32)
+    tl.store(cand_ptr + bh * n_blocks + t * CTILE + tl.cumsum(c32, 0) - 1, blk, mask=cand)
+    part = part_ptr + bh * 3 * NT_PAD + t
+    tl.store(part, tl.sum(c32, 0).to(tl.float32))
+    tl.store(part + NT_PAD, tl.sum(tl.where(cand, w, 0.0), 0))
+    tl.store(part + 2 * NT_PAD, tl.sum(tl.where(forced, w, 0.0), 0))
+    tl.store(mask_ptr + bh * n_blocks + blk, tl.zeros([CTILE], tl.uint8), mask=blk < n_blocks)
+    if WRITE_BITS:
+        wv = t * (CTILE // 32) + tl.arange(0, CTILE // 32)
+        tl.store(bits_ptr + bh * NW + wv, tl.zeros([CTILE // 32], tl.int32), mask=wv < NW)
+
+
+@triton.jit
+def _mark_range(mask_row, idx_row, bits_row, lo, hi, pos0, WRITE_BITS: tl.constexpr,
+                FT: tl.constexpr):
+    """Blocks lo <= blk < hi kept: mask bytes 1, list entries pos0 ..., bits OR-ed into their words."""
+    o = tl.arange(0, FT)
+    for b0 in range(lo, hi, FT):
+        b = b0 + o
+        m = b < hi
+        tl.store(mask_row + b, tl.full([FT], 1, tl.uint8), mask=m)
+        tl.store(idx_row + pos0 + (b - lo), b, mask=m)
+    if WRITE_BITS:
+        for w0 in range(lo // 32, (hi + 31) // 32, FT):
+            wi = w0 + o
+            val = _range_bits(wi, lo, hi)
+            tl.atomic_or(bits_row + wi, val, mask=val != 0)
+
+
+@triton.jit(do_not_specialize=["window", "sinks"])
+def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr, idx_ptr, cnt_ptr,
+                         bits_ptr, H, n_blocks, n_chunks, NW, NT, top_p, window, sinks,
+                         BS: tl.constexpr, CTILE: tl.constexpr, NT_PAD: tl.constexpr,
+                         SEARCH_K: tl.constexpr, TILE: tl.constexpr, MAX_2D: tl.constexpr,
+                         WRITE_BITS: tl.constexpr, FT: tl.constexpr):
+    """Split select, pass 2 (one program per head): gathers the candidates of all tiles (in block
+    order) into registers, runs the threshold search there and writes the kept blocks (the tiles'
+    zeroed mask / bits get their ones; the list is sinks, chosen, window: ascending). When the
+    candidates do not fit TILE or do not reach the target (rounding, p ~ 1) it runs the streaming
+    search of _select_head instead, which rewrites the whole row. Same rule, same result."""
+    bh = tl.program_id(0)
+    L = tl.load(lens_ptr + bh // H).to(tl.int32)
+    lse_row = lse_ptr + bh * n_blocks
+    mask_row = mask_ptr + bh * n_blocks
+    idx_row = idx_ptr + bh * n_blocks
+    bits_row = bits_ptr + bh * NW
+    nb, sb_end, wb_lo = _forced_ranges(L, window, sinks, BS)
+    tt = tl.arange(0, NT_PAD)
+    part = part_ptr + bh * 3 * NT_PAD + tt
+    cnts = tl.load(part, mask=tt < NT, other=0.0, cache_modifier=".cg").to(tl.int32)
+    F_cand = tl.sum(tl.load(part + NT_PAD, mask=tt < NT, other=0.0, cache_modifier=".cg"), 0)
+    F_forced = tl.sum(tl.load(part + 2 * NT_PAD, mask=tt < NT, other=0.0, cache_modifier=".cg"), 0)
+    n_cand = tl.sum(cnts, 0)
+    keep_all = top_p > 3.0e38
+    tgt = tl.where(keep_all, top_p, top_p - F_forced)
+    if (n_cand <= TILE) & ((F_cand >= tgt) | keep_all):
+        Z = tl.load(z_ptr + bh, cache_modifier=".cg")
+        i = tl.arange(0, TILE)
+        incl = tl.cumsum(cnts, 0)
+        excl = incl - cnts
+        ti = tl.sum((incl[None, :] <= i[:, None]).to(tl.int32), 1)  # tile of candidate i
+        ex_i = tl.sum(tl.where(tt[None, :] == ti[:, None], excl[None, :], 0), 1)
+        cm = i < n_cand
+        blk = tl.load(idx_row + ti * CTILE + i - ex_i, mask=cm, other=0, cache_modifier=".cg")
+        lse_c = tl.load(lse_row + blk, mask=cm, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(cm, tl.exp(lse_c - Z), 0.0)
+        bits = w.to(tl.int32, bitcast=True)
+        lo = tl.where(tgt <= 0.0, 0x7F7FFFFF, 0)
+        hi = tl.where(keep_all, 1, 0x7F800000)
+        lo, hi = _search_regs(bits, w, cm, lo, hi, tgt, SEARCH_K, TILE, MAX_2D)
+        F_hi = tl.sum(tl.where(cm & (bits >= hi), w, 0.0), 0)
+        need = tgt - F_hi
+        tie = cm & (bits >= lo) & (bits < hi)
+        tie_w = tl.where(tie, w, 0.0)
+        before = tl.cumsum(tie_w, 0) - tie_w
+        chosen = cm & ((bits >= hi) | (tie & (before < need))) & ((w > 0.0) | keep_all)
+        tl.debug_barrier()  # every candidate slot is read before the list overwrites them
+        n1 = tl.minimum(sb_end, nb)
+        c32 = chosen.to(tl.int32)
+        n_ch = tl.sum(c32, 0)
+        tl.store(mask_row + blk, tl.full([TILE], 1, tl.uint8), mask=chosen)
+        tl.store(idx_row + n1 + tl.cumsum(c32, 0) - 1, blk, mask=chosen)
+        if WRITE_BITS:
+            one = (blk * 0 + 1).to(tl.int64)  # bit 31 through int64, as _range_bits
+            tl.atomic_or(bits_row + blk // 32, (one << (blk % 32)).to(tl.int32), mask=chosen)
+        lo3 = tl.maximum(wb_lo, n1)
+        _mark_range(mask_row, idx_row, bits_row, 0, n1, 0, WRITE_BITS, FT)
+        _mark_range(mask_row, idx_row, bits_row, lo3, nb, n1 + n_ch, WRITE_BITS, FT)
+        tl.store(cnt_ptr + bh, n1 + n_ch + tl.maximum(nb - lo3, 0))
+    else:
+        _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
+                     L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, TILE, False,
+                     MAX_2D, WRITE_BITS)
 
 
 @triton.jit
@@ -981,7 +1126,23 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
         BPC=bpc, R_PAD=_pow2(R), FUSED=fused, SEARCH_K=cfg.search_arity, TILE=tile,
         RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
         num_warps=cfg.score_num_warps)
-    if not fused and not _scores_only:
+    if not fused and not _scores_only and cfg.select_split and nb > tile:
+        # <= 16 programs per head; whole 32-block words per program when it zeroes the bits
+        ctile = max(_pow2(cfg.select_split_tile), _pow2(-(-nb // 16)), 32 if write_bits else 1)
+        n_tiles = -(-nb // ctile)
+        nt_pad = _pow2(n_tiles)
+        z = torch.empty((rows,), dtype=torch.float32, device=dev)
+        part = torch.empty((rows, 3 * nt_pad), dtype=torch.float32, device=dev)
+        _candidates_kernel[(n_tiles, rows)](
+            lse, chunk, lens, z, kept_idx, part, mask, bits_arg, Hr, nb, n_chunks, n_words, p_eff,
+            window, sinks, BS=block_size, CTILE=ctile, ZTILE=min(1024, _pow2(n_chunks)),
+            NT_PAD=nt_pad, WRITE_BITS=write_bits, num_warps=4 if ctile <= 1024 else 8)
+        _select_split_kernel[(rows,)](
+            lse, chunk, lens, z, part, mask, kept_idx, kept_cnt, bits_arg, Hr, nb, n_chunks, n_words,
+            n_tiles, p_eff, window, sinks, BS=block_size, CTILE=ctile, NT_PAD=nt_pad,
+            SEARCH_K=cfg.search_arity, TILE=tile, MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
+            FT=128, num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
+    elif not fused and not _scores_only:
         _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, bits_arg, Hr, nb,
                                 n_chunks, n_words, p_eff, window, sinks, BS=block_size,
                                 SEARCH_K=cfg.search_arity, TILE=tile, RESIDENT=nb <= tile,

@@ -338,9 +338,10 @@ def edge_checks(device="cuda") -> dict:
                 "ssel_k16_1d": C(search_arity=16, select_max_2d=256),
                 "no_overlap_ns3": C(overlap_local=False, num_splits=3, local_num_splits=3),
                 "fused_ns64": C(fused_reduction=True, num_splits=64, local_num_splits=64),
-                "union": C(retrieval_union=True, union_max_blocks=0),
+                "union": C(retrieval_union=True, union_max_blocks=0, union_lists="kernel"),
                 "union_fused_ns3": C(retrieval_union=True, fused_reduction=True, union_max_blocks=0,
-                                     union_num_splits=3),
+                                     union_num_splits=3, union_lists="kernel"),
+                "union_fastlists": C(retrieval_union=True, union_max_blocks=0, union_lists="fused"),
                 "per_head": C(retrieval_union=False)}
     res = {}
     g = torch.Generator(device=device).manual_seed(0)
@@ -440,9 +441,10 @@ def run_decode_bench(args) -> list[dict]:
     configs = {  # whole-layer variants; the retrieval kernel that is not the default is added
         "default": base,
         "per_head": C(retrieval_union=False),
-        "union": C(retrieval_union=True, union_max_blocks=0),
+        "union": C(retrieval_union=True, union_max_blocks=0, union_lists="kernel"),
         # the union kernel with its visit lists built in the select + union kernels (no extra launch)
         "union_fastlists": C(retrieval_union=True, union_max_blocks=0, union_lists="fused"),
+        "stream_select": C(select_split=False),  # one program per head streams the select passes
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
@@ -457,7 +459,8 @@ def run_decode_bench(args) -> list[dict]:
     # split counts of the two attention kernels
     score_configs = {"score_bpc8_w4": C(), "score_bpc4_w4": C(score_blocks_per_cta=4),
                      "score_bpc16_w8": C(score_blocks_per_cta=16, score_num_warps=8)}
-    select_configs = {"ssel_k4": C(), "ssel_k16": C(search_arity=16),
+    select_configs = {"ssel_k4": C(), "ssel_k4_stream": C(select_split=False),
+                      "ssel_k16": C(search_arity=16),
                       "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True),
                       # also writes the packed mask bits (union_lists="fused")
                       "ssel_k4_bits": C(retrieval_union=True, union_max_blocks=0,
@@ -466,11 +469,13 @@ def run_decode_bench(args) -> list[dict]:
                     "ns32": C(retrieval_union=False, num_splits=32),
                     "ns128": C(retrieval_union=False, num_splits=128, max_splits=128),
                     # GQA union: each block once per KV group (auto = min(4 x SMs / groups, 128))
-                    "union_ns_auto": C(retrieval_union=True, union_max_blocks=0),
-                    "union_ns64": C(retrieval_union=True, union_num_splits=64, union_max_blocks=0),
+                    "union_ns_auto": C(retrieval_union=True, union_max_blocks=0, union_lists="kernel"),
+                    "union_ns64": C(retrieval_union=True, union_num_splits=64, union_max_blocks=0,
+                                    union_lists="kernel"),
                     "union_ns256": C(retrieval_union=True, union_num_splits=256, union_max_blocks=0,
-                                     union_max_splits=256),
-                    "union_w8": C(retrieval_union=True, union_num_warps=8, union_max_blocks=0),
+                                     union_max_splits=256, union_lists="kernel"),
+                    "union_w8": C(retrieval_union=True, union_num_warps=8, union_max_blocks=0,
+                                  union_lists="kernel"),
                     # union kernel, visit lists from the select kernel's mask bits (no list launch)
                     "union_fastlists_ns_auto": C(retrieval_union=True, union_max_blocks=0,
                                                  union_lists="fused"),
@@ -707,8 +712,21 @@ def run_decode_bench(args) -> list[dict]:
         sc = lambda: td.select_decode_blocks_triton(*args8, **sel_kw,  # noqa: E731
                                                     _scores_only=True)
         add_part(f"part_score{suffix}_fp8", L, sc, g_ms, nbytes["indexer"] // 2, config="fp8")
+        for bpc, nw in ((16, 4), (16, 8), (32, 8)):  # fp8 keys are half the bytes: bigger programs
+            c8 = C(score_blocks_per_cta=bpc, score_num_warps=nw)
+            sc = lambda c8=c8: td.select_decode_blocks_triton(  # noqa: E731
+                *args8, **sel_kw, config=c8, _scores_only=True)
+            add_part(f"part_score{suffix}_fp8_bpc{bpc}_w{nw}", L, sc, g_ms, nbytes["indexer"] // 2,
+                     config=f"fp8_bpc{bpc}_w{nw}")
         sel = lambda: td.select_decode_blocks_triton(*args8, **sel_kw)  # noqa: E731
         add_part(f"part_select{suffix}_fp8", L, sel, g_ms, nbytes["indexer"] // 2, config="fp8")
+        # the whole layer (default config) on fp8 keys; bytes: the bf16 count less half the keys
+        layer8 = dict(largs, ki_cache=ki8)
+        step8 = lambda: sd.rtpurbo_decode(**layer8, impl="triton", config=base)  # noqa: E731
+        u = td.uses_union(base, -(-L // BLOCK))
+        nb8 = (nbytes["total_union"] if u else nbytes["total"]) - nbytes["indexer"] // 2
+        add_part(f"{key.rsplit('_L', 1)[0]}_default_fp8", L, step8, g_ms, nb8, config="default_fp8",
+                 retrieval_kernel="union" if u else "per_head")
 
     if getattr(args, "edge_checks", False):
         checks["edge"] = edge_checks()

@@ -232,9 +232,15 @@ def check_decode(ck: Checker, dev):
 
     C = td.TritonDecodeConfig
     variants = {"default": C(), "fused_select_k16": C(fused_select=True, search_arity=16),
-                "tiled_k1": C(search_arity=1, select_wide_tile=16)}
+                # views longer than the select tile: the split select (a candidate pass, then the search in
+                # registers, or its streaming fallback when the candidates overflow the tile) and the
+                # one-program streaming select
+                "tiled_k1": C(search_arity=1, select_wide_tile=16),
+                "split_t32": C(select_wide_tile=32, select_split_tile=4),
+                "tiled_k4_stream": C(select_wide_tile=16, select_split=False)}
     if not cuda:  # the CPU interpreter is slow: two variants test the script
         variants.pop("fused_select_k16")
+        variants.pop("tiled_k4_stream")
     g = torch.Generator(device=dev).manual_seed(0)
     Hr = 4
     qi = torch.randn(B, Hr, r, device=dev, generator=g)
@@ -258,12 +264,12 @@ def check_decode(ck: Checker, dev):
     # kernels (the one that is not the default is added; on CUDA also the union kernel with 3
     # splits and the last-program merge)
     layer_variants = dict(variants)
-    extra = {"union": C(retrieval_union=True, union_max_blocks=0), "per_head": C(retrieval_union=False),
+    extra = {"union": C(retrieval_union=True, union_max_blocks=0, union_lists="kernel"), "per_head": C(retrieval_union=False),
              # union visit lists from the select kernel's packed mask bits (no _union_kernel launch)
              "union_fastlists": C(retrieval_union=True, union_max_blocks=0, union_lists="fused")}
     if cuda:
         extra["union_fused_ns3"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3,
-                                     union_max_blocks=0)
+                                     union_max_blocks=0, union_lists="kernel")
         # fused lists with 1-word tiles / 1-word expansion: the multi-tile paths of the list build
         extra["union_fastlists_ns3_w1"] = C(retrieval_union=True, fused_reduction=True, union_num_splits=3,
                                             union_max_blocks=0, union_lists="fused", union_word_tile=1,
@@ -311,15 +317,16 @@ def check_decode(ck: Checker, dev):
             ck.add(f"decode retrieval_decode alone {tag}", rel_err(att, want), tol)
             if cfg.union_lists == "kernel" or not cfg.retrieval_union:
                 alone[cfg.retrieval_union] = att
-            elif name == "union_fastlists":
+            elif "fast" not in alone:  # the first fused-lists union config (the default one)
                 alone["fast"] = att
         if True in alone and False in alone:  # the GQA-union kernel == the per-head kernel on the same mask
             ck.add(f"decode retrieval union vs per-head {impl} {dt}", rel_err(alone[True], alone[False]), tol)
         if "fast" in alone and True in alone and impl == "triton":
-            # same blocks, same order, same splits: expected bit for bit (the interpreter is); the tolerance
-            # only allows for the compiler scheduling the two kernels' float ops differently
+            # same blocks, same order, same splits: bit for bit under the interpreter; compiled, the two
+            # kernels' float ops are scheduled differently (H100, triton 3.6: 4.5e-7 in fp32, 2.6e-3 in bf16,
+            # where p is rounded to bf16 for the P @ V dot): the same tolerance as union vs per-head
             ck.add(f"decode retrieval union fastlists vs union kernel lists {impl} {dt}",
-                   rel_err(alone["fast"], alone[True]), 0.0 if not cuda else tol * 0.05)
+                   rel_err(alone["fast"], alone[True]), 0.0 if not cuda else tol)
 
 
 def main(argv=None) -> int:

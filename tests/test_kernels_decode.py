@@ -45,7 +45,7 @@ def td():
 
 
 def cfg(td, **kw):
-    base = dict(select_tile=8, score_blocks_per_cta=4, local_tile=16)
+    base = dict(select_tile=8, score_blocks_per_cta=4, local_tile=16, select_split_tile=4)
     base.update(kw)
     return td.TritonDecodeConfig(**base)
 
@@ -221,7 +221,10 @@ SELECT_CONFIGS = {  # every search path: fused (last program) / separate kernel,
     "fused_k16_tiled": dict(fused_select=True, search_arity=16),
     "fused_k2_tiled": dict(fused_select=True, search_arity=2),
     "sep_k1_resident": dict(fused_select=False, search_arity=1),
-    "sep_k4_tiled": dict(fused_select=False, search_arity=4, select_wide_tile=8),
+    "sep_k4_tiled": dict(fused_select=False, search_arity=4, select_wide_tile=8),  # split select
+    "sep_k4_tiled_streaming": dict(fused_select=False, search_arity=4, select_wide_tile=8,
+                                   select_split=False),
+    "sep_k2_split_wide": dict(fused_select=False, search_arity=2, select_wide_tile=16),
     "sep_k16_resident_1d": dict(fused_select=False, search_arity=16, select_max_2d=64),
 }
 
@@ -269,6 +272,46 @@ def test_select_triton_is_the_prefill_rule(td, window, sinks, fused):
             assert torch.equal(got, want)
         else:
             assert_valid_top_p(got, want, mass, lens, p, **kw)
+
+
+SPLIT_CASES = [  # (window, sinks, top_p, select_wide_tile, select_split_tile, peak, mask bits)
+    (64, 4, 0.9, 16, 4, 3.0, False), (64, 4, 0.5, 8, 4, 8.0, True), (0, 0, 0.9, 16, 2, 8.0, False),
+    (0, 0, 1.0, 16, 4, 3.0, True), (23, 20, 0.99, 8, 2, 3.0, False), (23, 20, 0.0, 16, 4, 3.0, True),
+    (400, 4, 0.9, 8, 4, 3.0, True), (37, 4, 0.7, 16, 8, 8.0, False), (37, 4, 0.9, 8, 4, 8.0, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_select_split_equals_streaming_select(td, case):
+    """select_split (a many-program candidate pass, then the search over the candidates in registers;
+    with the streaming search as its fallback when they do not fit the tile) == the one-program select:
+    the same mask, kept lists and mask bits, on both of its paths (peak 8 concentrates the mass: the
+    candidates fit the tile; peak 3 often not), several candidate tiles per head, forced layouts, p = 0 / 1.
+    38 blocks: more than the tiles (8 / 16, raised to 32 with mask bits)."""
+    window, sinks, p, wt, st, peak, with_bits = case
+    lens = torch.tensor([600, 517, 41])
+    qi, ki = indexer_inputs(3, 2, 600, peak=peak, seed=window + sinks + int(p * 10))
+    ki = poison_beyond(ki, lens)
+    kw = dict(block_size=BS, window=window, sinks=sinks, top_p=p)
+    c = dict(select_wide_tile=wt, retrieval_union=True, union_max_blocks=0,
+             union_lists="fused" if with_bits else "kernel")
+    a = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=False, **c), **kw)
+    b = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=True, select_split_tile=st,
+                                                                **c), **kw)
+    assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.kept_count, b.kept_count)
+    if with_bits:
+        assert torch.equal(a.block_bits, b.block_bits)
+        assert torch.equal(b.block_bits, pack_bits_brute(b.block_mask))
+    for row in range(6):
+        n = int(a.kept_count[row])
+        assert torch.equal(a.kept_idx[row, :n], b.kept_idx[row, :n])
+    mass = block_mass_brute(qi, ki, lens, BS)
+    want = prefill_rule_brute(mass, lens, p, block_size=BS, window=window, sinks=sinks)
+    if p in (0.0, 1.0):
+        assert torch.equal(b.block_mask, want)
+    else:
+        assert_valid_top_p(b.block_mask, want, mass, lens, p, block_size=BS, window=window, sinks=sinks)
 
 
 def test_select_reference_rule_on_known_masses():
@@ -504,7 +547,9 @@ def test_retrieval_union_matches_per_head_and_reference(td, name):
     mask = torch.rand(3, 4, -(-L // bsz), generator=g) < 0.3
     kw = dict(window=40, sinks=4, block_size=bsz, scale=0.2 if dt == torch.float16 else None)
     ref = sd.retrieval_decode_reference(q.double(), k.double(), v.double(), kv_of, mask, lens, **kw)
-    base = dict(num_splits=ns, union_num_splits=ns, fused_reduction=fused)
+    # both ways to get the union's visit lists: the _union_kernel launch and the fused in-kernel build
+    lists = "kernel" if name in ("gqa_noncontig_ns1", "irregular_3_1_block8_fp16") else "fused"
+    base = dict(num_splits=ns, union_num_splits=ns, fused_reduction=fused, union_lists=lists)
     union = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton",
                                 config=cfg(td, retrieval_union=True, **base), **kw)
     per_head = sd.retrieval_decode(q, k, v, kv_of, mask, lens, impl="triton",
@@ -615,7 +660,8 @@ def test_select_writes_mask_bits(td):
                                                         union_lists="fused", **c))
         assert torch.equal(bits, pack_bits_brute(mask))
         if fused:  # its tile changed (8 -> 32 blocks): the same selection
-            plain = td.select_decode_blocks_triton(qi, ki, lens, **kw, config=cfg(td, **c))
+            plain = td.select_decode_blocks_triton(qi, ki, lens, **kw,
+                                                   config=cfg(td, union_lists="kernel", **c))
             assert plain.block_bits is None
             assert torch.equal(mask, plain.block_mask)
     # a view of more blocks than union_max_blocks runs the per-head kernel: no bits written
@@ -746,7 +792,7 @@ def test_rtpurbo_union_fused_lists(td, fused_select=False):
     kw = dict(top_p=0.9, block_size=BS, window=40, sinks=4)
     c = dict(fused_select=fused_select, num_splits=3, local_num_splits=2, union_num_splits=3,
              retrieval_union=True, union_max_blocks=0)
-    a = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, **c))
+    a = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, union_lists="kernel", **c))
     b = sd.rtpurbo_decode(**args, **kw, impl="triton", config=cfg(td, union_lists="fused", **c))
     assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.out, b.out)
 
