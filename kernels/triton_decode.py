@@ -74,10 +74,11 @@ UNION_MAX_BLOCKS_DEFAULT = 0
 # 111.4 at 1M, same H100 run).
 UNION_LISTS_DEFAULT = "fused"
 UNION_LISTS_CHOICES = ("kernel", "fused")
-# Top-p select of long views (> select_wide_tile blocks): True = a candidate pass over the blocks by many
-# programs, then one program per head searches the candidates in registers; False = one program per head
-# streams every pass over all blocks itself (H100: select = scoring + search 169 us at 1M, ~64 us of it
-# the search).
+# Top-p select of views longer than select_cand_tile blocks: True = a candidate pass over the blocks by
+# many programs, then one few-warp program per head searches the candidates in registers (a wide program
+# takes the heads whose candidates do not fit); False = one wide program per head does every pass itself
+# (H100, 1M, d 5%, same run: select = scoring + search 165.2 us streaming, 134.1 split with a 16-warp
+# search of <= 2048 candidates; 128K and shorter views use the resident path either way).
 SELECT_SPLIT_DEFAULT = True
 
 
@@ -90,6 +91,10 @@ class TritonDecodeConfig:
     # (_candidates_kernel), then the search per head over them in registers (_select_split_kernel)
     select_split: bool = SELECT_SPLIT_DEFAULT
     select_split_tile: int = 1024  # min blocks per program of the candidate pass (<= 16 programs/head)
+    select_cand_tile: int = 2048  # split select: candidates searched in registers (more: the wide search)
+    # ... by this many warps (H100, 1M, d 5%: select 134.1 us with 16 warps, 252.6 with 2, 259.1 with 1 warp
+    # and 1024 candidates; few warps make each of the search's reductions long and serial)
+    select_cand_warps: int = 16
     fused_reduction: bool = False  # split-K merge in the last program (atomic counter)
     search_arity: int = 4  # thresholds per pass of the top-p search (power of 2; 1 = bisection)
     overlap_local: bool = True  # CUDA: local heads on a side stream, beside select + retrieval
@@ -98,7 +103,9 @@ class TritonDecodeConfig:
     select_num_warps: int = 16  # max warps of the separate select kernel (4096 x 2 values fit)
     score_num_warps: int = 4  # warps of the indexer scoring kernel
     select_max_2d: int = 16384  # threshold x tile elements evaluated as one 2-D reduction
-    score_blocks_per_cta: int = 8  # key blocks scored by one program of the indexer kernel
+    # key blocks scored by one program of the indexer kernel (H100, bf16 keys, 8 heads: 4 blocks 10.3 / 21.6 /
+    # 102.1 us vs 8 blocks 10.8 / 24.1 / 106.0 at 32K / 128K / 1M, same run)
+    score_blocks_per_cta: int = 4
     num_splits: Optional[int] = None  # retrieval split-K programs per head (None: fill the GPU)
     local_num_splits: Optional[int] = None  # local split-K programs per KV head (None: fill)
     local_tile: int = 64  # ring tokens per tile of the local kernel
@@ -544,17 +551,16 @@ def _candidates_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, cand_ptr, part_ptr, 
     L = tl.load(lens_ptr + bh // H).to(tl.int32)
     chunk_row = chunk_ptr + bh * n_chunks
     oz = tl.arange(0, ZTILE)
-    M = tl.full([], float("-inf"), tl.float32)
-    for c0 in range(0, n_chunks, ZTILE):
-        x = tl.load(chunk_row + c0 + oz, mask=c0 + oz < n_chunks, other=float("-inf"),
-                    cache_modifier=".cg")
-        M = tl.maximum(M, tl.max(x, 0))
-    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    M = tl.full([], float("-inf"), tl.float32)  # one pass: running max, sum rescaled when it grows
     S = tl.zeros([], tl.float32)
     for c0 in range(0, n_chunks, ZTILE):
         x = tl.load(chunk_row + c0 + oz, mask=c0 + oz < n_chunks, other=float("-inf"),
                     cache_modifier=".cg")
-        S += tl.sum(tl.exp(x - M_safe), 0)
+        M_new = tl.maximum(M, tl.max(x, 0))
+        M_safe = tl.where(M_new == float("-inf"), 0.0, M_new)
+        S = S * tl.exp(M - M_safe) + tl.sum(tl.exp(x - M_safe), 0)
+        M = M_new
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
     Z = M_safe + tl.log(S)
     if t == 0:
         tl.store(z_ptr + bh, Z)
@@ -602,12 +608,15 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
                          bits_ptr, H, n_blocks, n_chunks, NW, NT, top_p, window, sinks,
                          BS: tl.constexpr, CTILE: tl.constexpr, NT_PAD: tl.constexpr,
                          SEARCH_K: tl.constexpr, TILE: tl.constexpr, MAX_2D: tl.constexpr,
-                         WRITE_BITS: tl.constexpr, FT: tl.constexpr):
-    """Split select, pass 2 (one program per head): gathers the candidates of all tiles (in block
-    order) into registers, runs the threshold search there and writes the kept blocks (the tiles'
-    zeroed mask / bits get their ones; the list is sinks, chosen, window: ascending). When the
-    candidates do not fit TILE or do not reach the target (rounding, p ~ 1) it runs the streaming
-    search of _select_head instead, which rewrites the whole row. Same rule, same result."""
+                         WRITE_BITS: tl.constexpr, FT: tl.constexpr, FALLBACK: tl.constexpr,
+                         CAND_TILE: tl.constexpr, RESIDENT: tl.constexpr):
+    """Split select, pass 2 (one program per head), launched twice. FALLBACK False (few warps, so
+    that the search's many block-wide reductions stay cheap): if the candidates fit CAND_TILE (= TILE)
+    and reach the target, gathers them (in block order) into registers, runs the threshold search
+    there and writes the kept blocks (the tiles' zeroed mask / bits get their ones; the list is
+    sinks, chosen, window: ascending); otherwise does nothing. FALLBACK True (the wide launch): for
+    exactly the other heads, runs _select_head over all blocks (resident in one TILE or streamed),
+    which rewrites the whole row. Same rule, same result."""
     bh = tl.program_id(0)
     L = tl.load(lens_ptr + bh // H).to(tl.int32)
     lse_row = lse_ptr + bh * n_blocks
@@ -623,7 +632,13 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
     n_cand = tl.sum(cnts, 0)
     keep_all = top_p > 3.0e38
     tgt = tl.where(keep_all, top_p, top_p - F_forced)
-    if (n_cand <= TILE) & ((F_cand >= tgt) | keep_all):
+    fits = (n_cand <= CAND_TILE) & ((F_cand >= tgt) | keep_all)
+    if FALLBACK:
+        if not fits:
+            _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
+                         L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, TILE, RESIDENT,
+                         MAX_2D, WRITE_BITS)
+    elif fits:
         Z = tl.load(z_ptr + bh, cache_modifier=".cg")
         i = tl.arange(0, TILE)
         incl = tl.cumsum(cnts, 0)
@@ -657,10 +672,6 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
         _mark_range(mask_row, idx_row, bits_row, 0, n1, 0, WRITE_BITS, FT)
         _mark_range(mask_row, idx_row, bits_row, lo3, nb, n1 + n_ch, WRITE_BITS, FT)
         tl.store(cnt_ptr + bh, n1 + n_ch + tl.maximum(nb - lo3, 0))
-    else:
-        _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
-                     L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, TILE, False,
-                     MAX_2D, WRITE_BITS)
 
 
 @triton.jit
@@ -1126,7 +1137,8 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
         BPC=bpc, R_PAD=_pow2(R), FUSED=fused, SEARCH_K=cfg.search_arity, TILE=tile,
         RESIDENT=nb <= tile, MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
         num_warps=cfg.score_num_warps)
-    if not fused and not _scores_only and cfg.select_split and nb > tile:
+    cand_tile = max(_pow2(cfg.select_cand_tile), 32 if write_bits else 1)
+    if not fused and not _scores_only and cfg.select_split and nb > cand_tile:
         # <= 16 programs per head; whole 32-block words per program when it zeroes the bits
         ctile = max(_pow2(cfg.select_split_tile), _pow2(-(-nb // 16)), 32 if write_bits else 1)
         n_tiles = -(-nb // ctile)
@@ -1135,13 +1147,16 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
         part = torch.empty((rows, 3 * nt_pad), dtype=torch.float32, device=dev)
         _candidates_kernel[(n_tiles, rows)](
             lse, chunk, lens, z, kept_idx, part, mask, bits_arg, Hr, nb, n_chunks, n_words, p_eff,
-            window, sinks, BS=block_size, CTILE=ctile, ZTILE=min(1024, _pow2(n_chunks)),
+            window, sinks, BS=block_size, CTILE=ctile, ZTILE=min(4096, _pow2(n_chunks)),
             NT_PAD=nt_pad, WRITE_BITS=write_bits, num_warps=4 if ctile <= 1024 else 8)
-        _select_split_kernel[(rows,)](
-            lse, chunk, lens, z, part, mask, kept_idx, kept_cnt, bits_arg, Hr, nb, n_chunks, n_words,
-            n_tiles, p_eff, window, sinks, BS=block_size, CTILE=ctile, NT_PAD=nt_pad,
-            SEARCH_K=cfg.search_arity, TILE=tile, MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits,
-            FT=128, num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
+        common = (lse, chunk, lens, z, part, mask, kept_idx, kept_cnt, bits_arg, Hr, nb, n_chunks,
+                  n_words, n_tiles, p_eff, window, sinks)
+        ckw = dict(BS=block_size, CTILE=ctile, NT_PAD=nt_pad, SEARCH_K=cfg.search_arity,
+                   MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits, FT=128, CAND_TILE=cand_tile)
+        _select_split_kernel[(rows,)](*common, **ckw, TILE=cand_tile, FALLBACK=False, RESIDENT=True,
+                                      num_warps=cfg.select_cand_warps)
+        _select_split_kernel[(rows,)](*common, **ckw, TILE=tile, FALLBACK=True, RESIDENT=nb <= tile,
+                                      num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
     elif not fused and not _scores_only:
         _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, bits_arg, Hr, nb,
                                 n_chunks, n_words, p_eff, window, sinks, BS=block_size,

@@ -457,9 +457,15 @@ def run_decode_bench(args) -> list[dict]:
     fp8 = bool(getattr(args, "indexer_fp8", False))
     # part variants (CUDA-graph timed): scoring pass alone, the select search variants,
     # split counts of the two attention kernels
-    score_configs = {"score_bpc8_w4": C(), "score_bpc4_w4": C(score_blocks_per_cta=4),
+    score_configs = {"score_bpc8_w4": C(score_blocks_per_cta=8), "score_bpc4_w4": C(score_blocks_per_cta=4),
                      "score_bpc16_w8": C(score_blocks_per_cta=16, score_num_warps=8)}
     select_configs = {"ssel_k4": C(), "ssel_k4_stream": C(select_split=False),
+                      # split select: candidate tile and warps of the register search
+                      "ssel_k4_c1024_w16": C(select_cand_tile=1024),
+                      "ssel_k4_c1024_w8": C(select_cand_tile=1024, select_cand_warps=8),
+                      "ssel_k4_c2048_w8": C(select_cand_warps=8),
+                      "ssel_k4_c4096_w16": C(select_cand_tile=4096),
+                      "ssel_k4_c2048_w2": C(select_cand_warps=2),
                       "ssel_k16": C(search_arity=16),
                       "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True),
                       # also writes the packed mask bits (union_lists="fused")

@@ -426,6 +426,9 @@ def _time_runner(run, args, dev) -> float:
     return _time_runner_runs(run, args, dev)[0]
 
 
+KERNEL_TABLE = [0]  # rows of the per-kernel profiler table printed by count_step_ops (--kernel-table)
+
+
 @torch.no_grad()
 def count_step_ops(eng: InferenceEngine, Lv: int, dev) -> dict:
     """Launches of one static step: CUDA kernels (incl. memset / memcpy) under torch.profiler on CUDA, aten ops
@@ -440,6 +443,9 @@ def count_step_ops(eng: InferenceEngine, Lv: int, dev) -> dict:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 eng._decode_core(Lv)
                 sync(dev)
+            if KERNEL_TABLE[0]:  # --kernel-table: where the step's GPU time goes, kernel by kernel
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=KERNEL_TABLE[0]),
+                      flush=True)
             return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
         from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -1201,8 +1207,11 @@ def parse_args(argv=None):
     ap.add_argument("--indexer-fp8", action="store_true",
                     help="rtpurbo model: indexer keys cached in float8_e4m3fn (engine indexer_cache_dtype); with "
                          "--check: fp8 vs bf16 decode checks")
+    ap.add_argument("--kernel-table", type=int, default=0,
+                    help="print this many rows of a per-kernel CUDA-time table of one eager decode step")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
+    KERNEL_TABLE[0] = int(args.kernel_table)
     if args.decode_only:
         args.fill = "random"
     if args.layers is None:

@@ -236,7 +236,8 @@ def check_decode(ck: Checker, dev):
                 # registers, or its streaming fallback when the candidates overflow the tile) and the
                 # one-program streaming select
                 "tiled_k1": C(search_arity=1, select_wide_tile=16),
-                "split_t32": C(select_wide_tile=32, select_split_tile=4),
+                "split_c32": C(select_cand_tile=32, select_split_tile=4),
+                "split_c32_stream16": C(select_cand_tile=32, select_wide_tile=16, select_split_tile=4),
                 "tiled_k4_stream": C(select_wide_tile=16, select_split=False)}
     if not cuda:  # the CPU interpreter is slow: two variants test the script
         variants.pop("fused_select_k16")

@@ -45,7 +45,7 @@ def td():
 
 
 def cfg(td, **kw):
-    base = dict(select_tile=8, score_blocks_per_cta=4, local_tile=16, select_split_tile=4)
+    base = dict(select_tile=8, score_blocks_per_cta=4, local_tile=16, select_split_tile=4, select_cand_tile=8)
     base.update(kw)
     return td.TritonDecodeConfig(**base)
 
@@ -274,7 +274,7 @@ def test_select_triton_is_the_prefill_rule(td, window, sinks, fused):
             assert_valid_top_p(got, want, mass, lens, p, **kw)
 
 
-SPLIT_CASES = [  # (window, sinks, top_p, select_wide_tile, select_split_tile, peak, mask bits)
+SPLIT_CASES = [  # (window, sinks, top_p, select_cand_tile, select_split_tile, peak, mask bits)
     (64, 4, 0.9, 16, 4, 3.0, False), (64, 4, 0.5, 8, 4, 8.0, True), (0, 0, 0.9, 16, 2, 8.0, False),
     (0, 0, 1.0, 16, 4, 3.0, True), (23, 20, 0.99, 8, 2, 3.0, False), (23, 20, 0.0, 16, 4, 3.0, True),
     (400, 4, 0.9, 8, 4, 3.0, True), (37, 4, 0.7, 16, 8, 8.0, False), (37, 4, 0.9, 8, 4, 8.0, True),
@@ -284,12 +284,14 @@ SPLIT_CASES = [  # (window, sinks, top_p, select_wide_tile, select_split_tile, p
 @needs_triton
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
 def test_select_split_equals_streaming_select(td, case):
-    """select_split (a many-program candidate pass, then the search over the candidates in registers;
-    with the streaming search as its fallback when they do not fit the tile) == the one-program select:
-    the same mask, kept lists and mask bits, on both of its paths (peak 8 concentrates the mass: the
-    candidates fit the tile; peak 3 often not), several candidate tiles per head, forced layouts, p = 0 / 1.
-    38 blocks: more than the tiles (8 / 16, raised to 32 with mask bits)."""
-    window, sinks, p, wt, st, peak, with_bits = case
+    """select_split (a many-program candidate pass, then the search over the candidates in registers by
+    a few-warp launch; a wide launch runs the one-program select for the heads whose candidates do not fit)
+    == the one-program select: the same mask, kept lists and mask bits, on both of its paths (peak 8
+    concentrates the mass: the candidates fit the tile; peak 3 often not), the wide fallback resident
+    (one 64-block tile) or streamed (16-block tiles), several candidate tiles per head, forced layouts,
+    p = 0 / 1. 38 blocks: more than the candidate tiles (8 / 16, raised to 32 with mask bits)."""
+    window, sinks, p, ct, st, peak, with_bits = case
+    wt = 16 if ct == 8 else 64
     lens = torch.tensor([600, 517, 41])
     qi, ki = indexer_inputs(3, 2, 600, peak=peak, seed=window + sinks + int(p * 10))
     ki = poison_beyond(ki, lens)
@@ -298,7 +300,7 @@ def test_select_split_equals_streaming_select(td, case):
              union_lists="fused" if with_bits else "kernel")
     a = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=False, **c), **kw)
     b = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=True, select_split_tile=st,
-                                                                **c), **kw)
+                                                                select_cand_tile=ct, **c), **kw)
     assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.kept_count, b.kept_count)
     if with_bits:
         assert torch.equal(a.block_bits, b.block_bits)
