@@ -158,6 +158,16 @@ class RTPurbo:
     # the local window and sinks (the keys selection decides)
     stage1_target: str = "full"
     stage1_query_chunk: int = 256
+    # Post-stage-1 indexer sharpening (models/rtpurbo/sharpen.py): "none" (default: the stage-1 indexer as
+    # trained) or "calibrate": per retrieval head, measure the kept density and the captured true-attention
+    # mass of the selection at each factor of sharpen_factors (indexer scores x f) on sharpen_num_sequences
+    # calibration sequences, pick the largest factor that keeps >= sharpen_min_mass of the mass captured at
+    # factor 1, and fold it into that head's wq before the stage-1 export (report: <dump>/indexer_sharpen.json)
+    indexer_sharpen: str = "none"
+    sharpen_factors: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0])
+    sharpen_min_mass: float = 0.98
+    sharpen_num_sequences: int = 4
+    sharpen_query_chunk: int = 256
     # Stage 2
     stage2_loss: str = "topk"  # "topk" (paper, k = stage2_topk) or "full"
     stage2_topk: int = 10

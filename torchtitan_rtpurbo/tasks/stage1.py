@@ -3,7 +3,10 @@
 Loss: per retrieval head, forward KL(true attention || indexer softmax), averaged over query tokens and
 heads; each RTPurboAttention computes it in query chunks (never a T x T tensor) and leaves it in
 ctx.collect. The indexers start from an SVD of the head's own pre-RoPE q/k on calibration data
-(rtpurbo.indexer_init = "svd") or at random. At the end the adapted model is exported (HF + rtpurbo).
+(rtpurbo.indexer_init = "svd") or at random. At the end the adapted model is exported (HF + rtpurbo);
+with rtpurbo.indexer_sharpen = "calibrate" a per-head sharpening factor is first measured on calibration
+sequences and folded into each retrieval head's wq (models/rtpurbo/sharpen.py; report in
+<dump_folder>/indexer_sharpen.json).
 
 Context parallelism: the RTPurbo CP backend (models/rtpurbo/context_parallel.py) leaves in
 collect["indexer_kl"], per rank, the KL summed over this rank's query rows divided by the GLOBAL number of
@@ -63,12 +66,17 @@ class Stage1Task:
     primary_metric = "indexer_kl"
 
     def __init__(self, job_config):
+        from models.rtpurbo.sharpen import validate_sharpen_config
+
+        validate_sharpen_config(job_config.rtpurbo)  # fail before training, not at export
         self.cfg = job_config
+        self.tokenizer = None
 
     def prepare(self, model, tokenizer=None):
         from models.rtpurbo.calibrate import collect_qk_samples
 
         cfg = self.cfg
+        self.tokenizer = tokenizer
         path = roles_path(cfg)
         if not path.is_file():
             raise FileNotFoundError(f"stage1 needs head roles: {path} not found (run job.mode=calibrate first "
@@ -108,11 +116,37 @@ class Stage1Task:
         return kl / (n_micro * dp), metrics
 
     def finish(self, trainer) -> None:
-        export_rtpurbo(trainer, self.roles, Path(trainer.cfg.job.dump_folder) / "stage1")
+        before_save = self.sharpen if self.cfg.rtpurbo.indexer_sharpen == "calibrate" else None
+        export_rtpurbo(trainer, self.roles, Path(trainer.cfg.job.dump_folder) / "stage1", before_save=before_save)
+
+    def sharpen(self, model, trainer) -> dict:
+        """rtpurbo.indexer_sharpen = "calibrate": per-head sharpening of the trained indexer, folded into wq
+        of `model` (the plain full model about to be exported; rank 0). See models/rtpurbo/sharpen.py."""
+        import json
+        import time
+
+        from models.rtpurbo.sharpen import calibrate_sharpening, log_sharpening_report
+
+        rt = self.cfg.rtpurbo
+        t0 = time.perf_counter()
+        tokenizer = self.tokenizer if self.tokenizer is not None else trainer.tokenizer
+        seqs = calibration_sequences(self.cfg, tokenizer, n=rt.sharpen_num_sequences)
+        device = trainer.device
+        model.to(device)
+        try:
+            report = calibrate_sharpening(model, seqs, factors=rt.sharpen_factors, min_mass=rt.sharpen_min_mass,
+                                          chunk=rt.sharpen_query_chunk)
+        finally:
+            model.to("cpu")
+        report["seconds"] = time.perf_counter() - t0
+        log_sharpening_report(report, Path(self.cfg.job.dump_folder) / "indexer_sharpen.json")
+        logger.info(f"indexer sharpening: {json.dumps(report['summary'])} ({report['seconds']:.1f} s)")
+        return report
 
 
-def export_rtpurbo(trainer, roles: HeadRoles, path: Path) -> None:
-    """Gather the full state and write the HF + rtpurbo checkpoint from rank 0."""
+def export_rtpurbo(trainer, roles: HeadRoles, path: Path, before_save=None) -> None:
+    """Gather the full state and write the HF + rtpurbo checkpoint from rank 0. before_save(model, trainer),
+    if given, runs on rank 0 on the plain full model (CPU, float32 or the trained dtype) before it is saved."""
     import torch.distributed as dist
 
     from models.qwen3 import build_model
@@ -123,6 +157,8 @@ def export_rtpurbo(trainer, roles: HeadRoles, path: Path) -> None:
         plain = build_model(trainer.model_args, device="cpu", init=False)
         apply_rtpurbo(plain, roles, trainer.cfg.rtpurbo)
         plain.load_state_dict(sd)
+        if before_save is not None:
+            before_save(plain, trainer)
         dtype = getattr(torch, trainer.cfg.checkpoint.export_dtype)
         save_rtpurbo_checkpoint(plain, roles, trainer.cfg.rtpurbo, str(path), dtype=dtype)
         logger.info(f"exported RTPurbo checkpoint to {path}")
