@@ -80,6 +80,9 @@ UNION_LISTS_CHOICES = ("kernel", "fused")
 # (H100, 1M, d 5%, same run: select = scoring + search 165.2 us streaming, 134.1 split with a 16-warp
 # search of <= 2048 candidates; 128K and shorter views use the resident path either way).
 SELECT_SPLIT_DEFAULT = True
+# Diagnostics: a callable given, after each split select, the per-row candidate counts and masses (device
+# tensors; reading them syncs, so benchmarks install it only around eager steps). None in normal use.
+SPLIT_STATS_HOOK = None
 
 
 @dataclass(frozen=True)
@@ -1157,6 +1160,10 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
                                       num_warps=cfg.select_cand_warps)
         _select_split_kernel[(rows,)](*common, **ckw, TILE=tile, FALLBACK=True, RESIDENT=nb <= tile,
                                       num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
+        if SPLIT_STATS_HOOK is not None:  # diagnostics (benchmarks): which path each head took
+            SPLIT_STATS_HOOK(dict(n_cand=part[:, :n_tiles].sum(1), cand_mass=part[:, nt_pad:nt_pad + n_tiles].sum(1),
+                                  forced_mass=part[:, 2 * nt_pad:2 * nt_pad + n_tiles].sum(1),
+                                  cand_tile=cand_tile, top_p=p_eff, n_blocks=nb))
     elif not fused and not _scores_only:
         _select_kernel[(rows,)](lse, chunk, lens, mask, kept_idx, kept_cnt, bits_arg, Hr, nb,
                                 n_chunks, n_words, p_eff, window, sinks, BS=block_size,

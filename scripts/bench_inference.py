@@ -440,10 +440,22 @@ def count_step_ops(eng: InferenceEngine, Lv: int, dev) -> dict:
             from torch.profiler import ProfilerActivity, profile
 
             sync(dev)
+            if KERNEL_TABLE[0]:  # also: which path the split top-p select took per head (syncs: eager only)
+                from kernels import triton_decode as tdm
+
+                def show(st):
+                    fits = (st["n_cand"] <= st["cand_tile"]) & (st["cand_mass"] >= st["top_p"] - st["forced_mass"])
+                    print(f"  split select: {st['n_blocks']} blocks, candidates per head "
+                          f"{st['n_cand'].int().tolist()} (register tile {st['cand_tile']}), candidate mass "
+                          f"{[round(x, 3) for x in st['cand_mass'].tolist()]}, forced mass "
+                          f"{[round(x, 3) for x in st['forced_mass'].tolist()]}, in registers: "
+                          f"{int(fits.sum())} of {fits.numel()}", flush=True)
+                tdm.SPLIT_STATS_HOOK = show
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 eng._decode_core(Lv)
                 sync(dev)
             if KERNEL_TABLE[0]:  # --kernel-table: where the step's GPU time goes, kernel by kernel
+                tdm.SPLIT_STATS_HOOK = None
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=KERNEL_TABLE[0]),
                       flush=True)
             return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)

@@ -299,8 +299,23 @@ def test_select_split_equals_streaming_select(td, case):
     c = dict(select_wide_tile=wt, retrieval_union=True, union_max_blocks=0,
              union_lists="fused" if with_bits else "kernel")
     a = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=False, **c), **kw)
-    b = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=True, select_split_tile=st,
-                                                                select_cand_tile=ct, **c), **kw)
+    stats = []
+    td.SPLIT_STATS_HOOK = stats.append
+    try:
+        b = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=True, select_split_tile=st,
+                                                                    select_cand_tile=ct, **c), **kw)
+    finally:
+        td.SPLIT_STATS_HOOK = None
+    # the candidate pass's counts (the diagnostics hook): free blocks of mass > tau = (1 - p) / 2 (nb + 1)
+    mass0 = block_mass_brute(qi, ki, lens, BS)
+    want_n = []
+    for bb, L in enumerate(lens.tolist()):
+        nb = -(-L // BS)
+        sb_end, wb_lo = -(-min(sinks, L) // BS), (max(L - window, 0) // BS if window > 0 else nb)
+        tau = 0.5 * (1.0 - p) / (nb + 1) if p < 1 else float("-inf")
+        for h in range(2):
+            want_n.append(sum(1 for j in range(sb_end, min(wb_lo, nb)) if float(mass0[bb, h, j]) > tau))
+    assert len(stats) == 1 and stats[0]["n_cand"].int().tolist() == want_n
     assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.kept_count, b.kept_count)
     if with_bits:
         assert torch.equal(a.block_bits, b.block_bits)
