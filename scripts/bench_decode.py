@@ -466,6 +466,11 @@ def run_decode_bench(args) -> list[dict]:
                       "ssel_k4_c2048_w8": C(select_cand_warps=8),
                       "ssel_k4_c4096_w16": C(select_cand_tile=4096),
                       "ssel_k4_c2048_w2": C(select_cand_warps=2),
+                      # the wide program's blocks resident in registers up to 16K blocks (1M tokens): the
+                      # fallback when the candidates do not fit (flat distributions), and the old one-program way
+                      "ssel_k4_wide16k": C(select_wide_tile=16384),
+                      "ssel_k4_stream_wide16k": C(select_split=False, select_wide_tile=16384),
+                      "ssel_k4_c4096_wide16k": C(select_cand_tile=4096, select_wide_tile=16384),
                       "ssel_k16": C(search_arity=16),
                       "ssel_k1": C(search_arity=1), "fsel_k4": C(fused_select=True),
                       # also writes the packed mask bits (union_lists="fused")
