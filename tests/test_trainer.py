@@ -25,6 +25,10 @@ def _run(args, nproc=1, env_extra=None):
                "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
                "-m", "torchtitan_rtpurbo.train", *COMMON, *args]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if nproc > 1 and p.returncode != 0 and "terminate called without an active exception" in p.stdout + p.stderr:
+        # gloo's C++ teardown was seen to abort after a finished run on a loaded 2-core box (see
+        # test_context_parallel._train); a real failure fails the retry too
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
