@@ -8,7 +8,7 @@ main stream; local and its merge on a side stream)
   _indexer_select_kernel  grid (chunks, B*Hr). Each program scores BPC key blocks with the 16-d
       indexer and writes one log-sum-exp per block and one per chunk. With fused_select the last
       program of a head to finish (atomic counter) runs the top-p search for the head; by default
-      _select_kernel does it in a second, wider launch (faster: measured).
+      _select_kernel (or the split select below) does it in a second, wider launch (faster: measured).
   selection (_select_head), the prefill rule of kernels/block_select.py for one query: the forced
       blocks (sink blocks, window blocks) are always kept and their mass counts toward top_p; the
       free blocks must bring tgt = top_p - mass(forced). Block mass w_b = exp(lse_b - Z) >= 0, so
@@ -19,6 +19,12 @@ main stream; local and its merge on a side stream)
       Before searching, free blocks that cannot be kept (mass under (1-p)/(2(nb+1))) are pruned,
       exactly (see _select_head). The last pass writes the block mask (forced + chosen) and the
       compacted list of the mask's blocks, which the attention visits. No sort; O(1) extra memory.
+  Split select (TritonDecodeConfig.select_split; default SELECT_SPLIT_DEFAULT) for views of more than
+      select_cand_tile blocks: _candidates_kernel (grid <= 16 tiles x B*Hr: Z, the pruning
+      candidates of its tile, tile partials, the tile's mask / bits zeroed), then
+      _select_split_kernel twice: a 16-warp program per head searches the candidates in registers
+      when they fit; a wide one runs _select_head for the heads whose candidates do not.
+      "Same output" as the one-program select (tested); measured faster at 1M (docs/kernels.md).
   _retrieval_attn_kernel  grid (splits, B*Hr): flash-decoding over the kept-block list, split
       evenly over `splits` programs so that one long sequence fills the GPU; the partial
       (max, sum, acc) are merged by _combine_kernel (or, fused_reduction, by the last program).
@@ -36,7 +42,8 @@ main stream; local and its merge on a side stream)
   Visit lists, TritonDecodeConfig.union_lists (default UNION_LISTS_DEFAULT):
     "kernel": _union_kernel above, one extra launch (one program per group scans the mask rows).
     "fused": no extra launch. The select kernel also writes each head's mask row packed as bits
-      ([B*Hr, ceil(nB/32)] int32, every word rewritten each step: no zeroing); each program of
+      ([B*Hr, ceil(nB/32)] int32, every word rewritten each step: no zeroing; the split select zeroes
+      them in its candidate pass and ORs the kept blocks in); each program of
       _retrieval_union_kernel ORs its group's bit rows (GP x nB/32 words: 16 KB at 1M tokens),
       adds the sink / window blocks, counts the union (popcount), takes the same balanced slice
       of the union list as the "kernel" path and writes only that slice (prefix sums in registers),
@@ -613,8 +620,8 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
                          SEARCH_K: tl.constexpr, TILE: tl.constexpr, MAX_2D: tl.constexpr,
                          WRITE_BITS: tl.constexpr, FT: tl.constexpr, FALLBACK: tl.constexpr,
                          CAND_TILE: tl.constexpr, RESIDENT: tl.constexpr):
-    """Split select, pass 2 (one program per head), launched twice. FALLBACK False (few warps, so
-    that the search's many block-wide reductions stay cheap): if the candidates fit CAND_TILE (= TILE)
+    """Split select, pass 2 (one program per head), launched twice. FALLBACK False (select_cand_warps
+    warps; 16 measured fastest, 2 twice as slow): if the candidates fit CAND_TILE (= TILE)
     and reach the target, gathers them (in block order) into registers, runs the threshold search
     there and writes the kept blocks (the tiles' zeroed mask / bits get their ones; the list is
     sinks, chosen, window: ascending); otherwise does nothing. FALLBACK True (the wide launch): for
