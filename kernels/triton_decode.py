@@ -1098,6 +1098,19 @@ def _lens_i32(cache_lens: torch.Tensor) -> torch.Tensor:
     return cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
 
 
+def _split_partials(n_rows: int, ns: int, D: int, cfg: TritonDecodeConfig, dev,
+                    counters: Optional[torch.Tensor], n_counters: int):
+    """Split-K partial buffers of n_rows output rows x ns splits: (pm, pl, pacc [.., D padded], fused,
+    counters); fused = the last-program merge (needs > 1 split), its counters allocated when not given."""
+    pm = torch.empty((n_rows * ns,), dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty((n_rows * ns, _pow2(D, 16)), dtype=torch.float32, device=dev)
+    fused = cfg.fused_reduction and ns > 1
+    if fused and counters is None:
+        counters = torch.zeros((n_counters,), dtype=torch.int32, device=dev)
+    return pm, pl, pacc, fused, counters
+
+
 def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, window, sinks,
                                 config: Optional[TritonDecodeConfig] = None,
                                 counters: Optional[torch.Tensor] = None,
@@ -1223,12 +1236,7 @@ def retrieval_decode_triton(q_r, k_cache, v_cache, kv_head_of_r, block_mask, cac
         q_r = q_r.contiguous()
     ns = _auto_splits(cfg.num_splits, rows, nb, cfg, dev)
     d_pad = _pow2(D, 16)
-    pm = torch.empty((rows * ns,), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((rows * ns, d_pad), dtype=torch.float32, device=dev)
-    fused = cfg.fused_reduction and ns > 1
-    if fused and counters is None:
-        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    pm, pl, pacc, fused, counters = _split_partials(rows, ns, D, cfg, dev, counters, rows)
     qh = _index_tensor(list(range(Hr)) if q_heads is None else q_heads, dev)
     _retrieval_attn_kernel[(ns, rows)](
         q_r, k_cache, v_cache, _index_tensor(kv_head_of_r, dev), qh, lens, mask_u8, kept_idx,
@@ -1375,12 +1383,7 @@ def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, 
         q_r = q_r.contiguous()
     ns = _union_splits(cfg, rows, nb, dev)
     d_pad = _pow2(D, 16)
-    pm = torch.empty((rows * gp * ns,), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((rows * gp * ns, d_pad), dtype=torch.float32, device=dev)
-    fused = cfg.fused_reduction and ns > 1
-    if fused and counters is None:
-        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    pm, pl, pacc, fused, counters = _split_partials(rows * gp, ns, D, cfg, dev, counters, rows)
     qh = _index_tensor(qh_table, dev)
     _retrieval_union_kernel[(ns, rows)](
         q_r, k_cache, v_cache, _index_tensor(kvs, dev), _index_tensor(hr_table, dev), qh, lens,
@@ -1431,12 +1434,7 @@ def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, wind
     max_tiles = -(-window // bn) if window > 0 else 1
     ns = _auto_splits(cfg.local_num_splits, rows, max_tiles, cfg, dev)
     d_pad = _pow2(D, 16)
-    pm = torch.empty((rows * gp * ns,), dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty((rows * gp * ns, d_pad), dtype=torch.float32, device=dev)
-    fused = cfg.fused_reduction and ns > 1
-    if fused and counters is None:
-        counters = torch.zeros((rows,), dtype=torch.int32, device=dev)
+    pm, pl, pacc, fused, counters = _split_partials(rows * gp, ns, D, cfg, dev, counters, rows)
     heads = _index_tensor(table, dev)
     lens = _lens_i32(cache_lens)
     if sink_k.shape[2] == 0:  # keep valid pointers for the (never taken) sink branch

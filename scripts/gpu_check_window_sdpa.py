@@ -158,6 +158,16 @@ def main(argv=None) -> int:
         res["checks"].append({"check": name, "pass": bool(ok), **detail})
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: " + ", ".join(f"{k}={v}" for k, v in detail.items()), flush=True)
 
+    def failed(name, exc):
+        """A step that raised: its traceback, and a failed check that names it."""
+        traceback.print_exc()
+        check(name, False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    def end_length():
+        if on_cuda:
+            torch.cuda.empty_cache()
+        save()
+
     # backends by name; on the CPU the pure-torch primitive stands in for both (smoke test)
     def backend(name):
         return name if on_cuda else ws.causal_attention_with_lse_reference
@@ -207,8 +217,7 @@ def main(argv=None) -> int:
                 available.append(name)
             del q, k, v, o, raw
         except Exception as exc:
-            traceback.print_exc()
-            check(f"(a) {name} probe", False, error=f"{type(exc).__name__}: {exc}"[:300])
+            failed(f"(a) {name} probe", exc)
     save()
 
     # --------------------------------------------------------------------------- (b) correctness
@@ -259,11 +268,8 @@ def main(argv=None) -> int:
                 del out_c
             del q, k, v, out_f, ref
         except Exception as exc:
-            traceback.print_exc()
-            check(f"(b) T={T}", False, error=f"{type(exc).__name__}: {exc}"[:300])
-        if on_cuda:
-            torch.cuda.empty_cache()
-        save()
+            failed(f"(b) T={T}", exc)
+        end_length()
 
     # ------------------------------------------------------------------------------ (c) timing
     print("==== (c) timing", flush=True)
@@ -321,8 +327,7 @@ def main(argv=None) -> int:
                     print(f"      {r['pct_of_dense_tflops']:.1f}% of dense cuDNN's {dense_tf:.0f} TF/s"
                           + (f", peak extra memory {r['peak_extra_gib']:.2f} GiB" if on_cuda else ""), flush=True)
                 except Exception as exc:
-                    traceback.print_exc()
-                    check(f"(c) timing {name} T={T}", False, error=f"{type(exc).__name__}: {exc}"[:300])
+                    failed(f"(c) timing {name} T={T}", exc)
             # parts of the chunked path (first available backend), one call of the automatic plan
             if available and T > W:
                 name = available[0]
@@ -365,11 +370,8 @@ def main(argv=None) -> int:
                 del Qf, Kf, Vf, Qp, Kp, Vp, qc, kc, vc, o_d, o_p, l_d, l_p, oc
             del q, k, v
         except Exception as exc:
-            traceback.print_exc()
-            check(f"(c) timing T={T}", False, error=f"{type(exc).__name__}: {exc}"[:300])
-        if on_cuda:
-            torch.cuda.empty_cache()
-        save()
+            failed(f"(c) timing T={T}", exc)
+        end_length()
 
     # ---------------------------------------------------------------------------------- summary
     print("\n==== summary (TF/s per useful FLOP; parts: one call of the plan, TF/s of its own pairs)")

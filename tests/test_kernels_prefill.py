@@ -3,15 +3,12 @@ top-p vs brute force, block mass fast paths vs references, selection, block-spar
 attention vs dense masked attention (forward and gradients)."""
 
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.triton_interp import run_script_in_interpreter
 
 from kernels.block_select import (
     forced_and_candidate_blocks,
@@ -37,7 +34,6 @@ from kernels.sparse_prefill import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------ top-p
@@ -196,10 +192,7 @@ _TRITON_SCRIPT = textwrap.dedent(
 
 
 def test_triton_block_mass_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "TRITON_OK 15" in res.stdout
+    assert "TRITON_OK 15" in run_script_in_interpreter(_TRITON_SCRIPT)
 
 
 _HIST_SCRIPT = textwrap.dedent(
@@ -277,10 +270,8 @@ _HIST_SCRIPT = textwrap.dedent(
 
 
 def test_triton_hist_selection_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _HIST_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "HIST_OK 15" in res.stdout, res.stdout[-2000:]
+    out = run_script_in_interpreter(_HIST_SCRIPT, timeout=600)
+    assert "HIST_OK 15" in out, out[-2000:]
 
 
 # -------------------------------------------------------------------------- selection

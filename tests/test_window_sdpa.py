@@ -7,14 +7,11 @@ the scripts/bench_attention.py integration."""
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from tests.triton_interp import run_script_in_interpreter
 
 from kernels import masks
 from kernels import window_sdpa as ws
@@ -27,7 +24,6 @@ from kernels.window_sdpa import (
     window_sdpa_unavailable_reason,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 REF = causal_attention_with_lse_reference
 pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"), pytest.mark.usefixtures("one_thread")]
 
@@ -382,10 +378,7 @@ _MERGE_SCRIPT = textwrap.dedent(
 
 
 def test_triton_merge_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "MERGE_OK 5" in res.stdout
+    assert "MERGE_OK 5" in run_script_in_interpreter(_MERGE_SCRIPT)
 
 
 # ------------------------------------------------------------- scripts/bench_attention.py

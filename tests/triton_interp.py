@@ -32,3 +32,14 @@ def run_module_in_interpreter(test_file: str, child_flag: str, timeout: int = 90
     tail = r.stdout[-6000:] + r.stderr[-3000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and "failed" not in r.stdout, tail
+
+
+def run_script_in_interpreter(script: str, timeout: int = 300) -> str:
+    """Run a Python script (text) in a child process with TRITON_INTERPRET=1 and the repository on the path;
+    assert it exited 0 and return its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
