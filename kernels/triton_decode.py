@@ -131,10 +131,20 @@ class TritonDecodeConfig:
     union_lists: str = UNION_LISTS_DEFAULT  # "kernel" (_union_kernel launch) | "fused" (in-kernel)
     union_word_tile: int = 512  # fused lists: 32-block words per tile of the union count pass
     union_expand_words: int = 8  # fused lists: words expanded to block indices per sub-tile
+    # software-pipelining stages (None: Triton's default, 3 on Hopper). Local / dense kernel: 1 (H100,
+    # 2026-11-25, docs/kernels.md "Session 13": dense decode at 1M 712.2 us with 1 stage, 719.7 with 2, 837.0
+    # with Triton's 3 (cuDNN 708.3); an all-local layer 20.4 / 20.1 / 21.6 us). Union kernel: Triton's (1
+    # stage 135.1 us, 2 stages 105.2, 3 89.7, 4 91.6 at 1M, d 5%)
+    union_num_stages: Optional[int] = None
+    local_num_stages: Optional[int] = 1
 
     def __post_init__(self):
         if self.union_lists not in UNION_LISTS_CHOICES:
             raise ValueError(f"union_lists must be one of {UNION_LISTS_CHOICES}, got {self.union_lists!r}")
+        for name in ("union_num_stages", "local_num_stages"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= 8:
+                raise ValueError(f"{name} must be None or in [1, 8], got {v}")
 
 
 DEFAULT_CONFIG = TritonDecodeConfig()
@@ -1094,6 +1104,11 @@ def _auto_splits(requested: Optional[int], rows: int, max_items: int, cfg: Trito
     return int(max(1, min(ns, cfg.max_splits, max(max_items, 1))))
 
 
+def _stages(n: Optional[int]) -> dict:
+    """Launch option num_stages when a config sets it (None: Triton's default)."""
+    return {} if n is None else {"num_stages": int(n)}
+
+
 def _lens_i32(cache_lens: torch.Tensor) -> torch.Tensor:
     return cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
 
@@ -1393,7 +1408,8 @@ def _retrieval_union_triton(q_r, k_cache, v_cache, kv_head_of_r, mask_u8, lens, 
         NG, nb, mask_bits.shape[-1] if fast else 1, D,
         1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, BS=block_size,
         BN=_pow2(block_size, 16), GP=gp, D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused,
-        IEEE=k_cache.dtype == torch.float32, **list_args, num_warps=cfg.union_num_warps)
+        IEEE=k_cache.dtype == torch.float32, **list_args, num_warps=cfg.union_num_warps,
+        **_stages(cfg.union_num_stages))
     if ns > 1 and not fused:
         _combine_kernel[(rows * gp,)](pm, pl, pacc, qh, out, out.stride(0), out.stride(1), NG, D,
                                       GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,
@@ -1447,7 +1463,7 @@ def local_decode_triton(q_l, sink_k, sink_v, ring_k, ring_v, cache_lens, *, wind
         ring_v.stride(2), out.stride(0), out.stride(1), HKV, W, D,
         1.0 / math.sqrt(D) if scale is None else float(scale), window, sinks, GP=gp, BN=bn,
         SP=_pow2(sinks, 16), D_PAD=d_pad, NS=ns, NS_PAD=_pow2(ns), FUSED=fused,
-        IEEE=ring_k.dtype == torch.float32, num_warps=cfg.num_warps)
+        IEEE=ring_k.dtype == torch.float32, num_warps=cfg.num_warps, **_stages(cfg.local_num_stages))
     if ns > 1 and not fused:
         _combine_kernel[(rows * gp,)](pm, pl, pacc, heads, out, out.stride(0), out.stride(1), HKV,
                                       D, GP=gp, NS=ns, NS_PAD=_pow2(ns), D_PAD=d_pad,

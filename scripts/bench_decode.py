@@ -231,6 +231,43 @@ def rel_err(a, b) -> float:
 # ------------------------------------------------------------------------------ dense
 
 
+# union_fastlists_<tag> retrieval variants: TritonDecodeConfig fields over the default fused-list union kernel
+UNION_TUNING = {"w8": dict(union_num_warps=8), "s1": dict(union_num_stages=1), "s2": dict(union_num_stages=2),
+                "s4": dict(union_num_stages=4),
+                "ns256_s2": dict(union_num_stages=2, union_num_splits=256, union_max_splits=256)}
+# dense_triton_<tag> rows (--dense-triton): TritonDecodeConfig fields over DENSE_CONFIG for the engine's dense
+# decode kernel (kernels.triton_decode.dense_decode_triton: the local kernel over the whole cache)
+DENSE_TRITON_TUNING = {"default": {}, "stages_triton": dict(local_num_stages=None), "s2": dict(local_num_stages=2),
+                       "t32": dict(local_tile=32), "t128": dict(local_tile=128), "w8": dict(num_warps=8),
+                       "ns256": dict(max_splits=256, local_num_splits=256)}
+
+
+def dense_triton_variants(q, k, v, ref, tags=None):
+    """(name, fn, rel err) of the engine's dense decode kernel under DENSE_TRITON_TUNING configs."""
+    import dataclasses
+
+    from kernels import triton_decode as td
+
+    lens = torch.full((q.shape[0],), k.shape[2], device=q.device, dtype=torch.int32)
+    out = []
+    for tag, kw in DENSE_TRITON_TUNING.items():
+        if tags and tag not in tags:
+            continue
+        c = dataclasses.replace(td.DENSE_CONFIG, **kw)
+        fn = lambda c=c: td.dense_decode_triton(q, k, v, lens, config=c)  # noqa: E731
+        name = f"dense_triton_{tag}"
+        try:
+            err = rel_err(fn(), ref)
+        except Exception as e:  # a config that does not compile (registers / shared memory)
+            print(f"  {name}: ERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        if err > 2e-2:
+            print(f"  {name}: WRONG (rel err {err:.2e}), skipped", flush=True)
+            continue
+        out.append((name, fn, err))
+    return out
+
+
 def dense_variants(q, k, v):
     """(name, fn) for every SDPA backend x GQA form that runs and matches the reference."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -448,6 +485,10 @@ def run_decode_bench(args) -> list[dict]:
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
+    for tag, kw in UNION_TUNING.items():  # the default layer with a tuned union kernel
+        configs[f"union_{tag}"] = C(**kw)
+    configs["local_s2"] = C(local_num_stages=2)  # window heads' kernel with 2 pipelining stages
+    configs["local_s3"] = C(local_num_stages=None)  # ... with Triton's default (3), the default until session 13
     keep_cfg = getattr(args, "layer_configs", None)
     if keep_cfg:
         configs = {k: v for k, v in configs.items() if k == "default" or k in keep_cfg}
@@ -496,6 +537,10 @@ def run_decode_bench(args) -> list[dict]:
                     # the union count in 2 tiles of 256 words at 1M tokens (default: 1 of 512)
                     "union_fastlists_cw256": C(retrieval_union=True, union_max_blocks=0,
                                                union_lists="fused", union_word_tile=256)}
+    # tuning of the default union kernel (fused lists): warps, pipelining stages, splits
+    fl = dict(retrieval_union=True, union_max_blocks=0, union_lists="fused")
+    for tag, kw in UNION_TUNING.items():
+        retr_configs[f"union_fastlists_{tag}"] = C(**fl, **kw)
     keep_retr = getattr(args, "retrieval_variants", None)
     if keep_retr:
         unknown = set(keep_retr) - set(retr_configs)
@@ -565,6 +610,12 @@ def run_decode_bench(args) -> list[dict]:
                     best[mode] = (name, ms)
         for mode, (name, ms) in best.items():
             print(f"  dense baseline ({mode}): {name} {ms * 1e3:.1f} us", flush=True)
+        if getattr(args, "dense_triton", None) is not None and dev.type == "cuda":
+            ref = sd.dense_decode_reference(q.float(), k.float(), v.float(),
+                                            torch.full((1,), L, device=dev))
+            for name, fn, err in dense_triton_variants(q, k, v, ref, args.dense_triton):
+                for mode in modes:
+                    add(name, L, timed(fn, mode), best[mode][1], bytes_dense(L, esize), mode, rel_err=err)
         return {mode: ms for mode, (name, ms) in best.items()}, {m: n for m, (n, _) in best.items()}
 
     def bench_layer(lname, n_groups, dens, L, dense_ms, overlap=0.0):
@@ -572,8 +623,16 @@ def run_decode_bench(args) -> list[dict]:
                            head_overlap=overlap if n_groups else 0.0)
         ov = f"_ov{overlap:g}" if n_groups and overlap else ""
         key = f"{lname}_d{dens}{ov}_L{L}"
+        layer_cfgs = dict(configs)
+        for cname in [c for c in configs if c != "default"]:  # drop configs that do not compile here
+            try:
+                sd.rtpurbo_decode(**largs, impl="triton", config=configs[cname])
+            except Exception as e:  # e.g. out of shared memory for a large tile x stages
+                meta["errors"].append(f"layer config {cname} {key}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"  ERROR layer config {cname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                del layer_cfgs[cname]
         try:
-            checks[key] = check_layer(largs, configs)
+            checks[key] = check_layer(largs, layer_cfgs)
         except AssertionError as e:
             checks[key] = dict(failed=str(e))
             print(f"  CHECK FAILED {key}: {e}", flush=True)
@@ -590,10 +649,10 @@ def run_decode_bench(args) -> list[dict]:
                   f"{nbytes['retrieval'] / 1e6:.1f} vs union {nbytes['retrieval_union'] / 1e6:.1f}",
                   flush=True)
         g_ms = dense_ms.get("graph", dense_ms.get("eager"))
-        for cname in (list(configs) if n_groups else ["default", "fused_all"]):
-            if cname not in configs:
+        for cname in (list(layer_cfgs) if n_groups else ["default", "fused_all", "local_s2", "local_s3"]):
+            if cname not in layer_cfgs:
                 continue
-            cfg = configs[cname]
+            cfg = layer_cfgs[cname]
             step = lambda cfg=cfg: sd.rtpurbo_decode(  # noqa: E731
                 **largs, impl="triton", config=cfg)
             u = td.uses_union(cfg, -(-L // BLOCK))
@@ -824,7 +883,11 @@ def main(argv=None):
     p.add_argument("--retrieval-variants", nargs="+", default=None,
                    help="part_retrieval_attn variants to time (ns_auto ns32 ns128 union_ns_auto "
                         "union_ns64 union_ns256 union_w8 union_fastlists_ns_auto "
-                        "union_fastlists_ns256 union_fastlists_cw256; default: all)")
+                        "union_fastlists_ns256 union_fastlists_cw256, union_fastlists_<tag> for "
+                        "the tags of UNION_TUNING; default: all)")
+    p.add_argument("--dense-triton", nargs="*", default=None,
+                   help="also time the engine's Triton dense decode kernel under these tuning tags ("
+                        + " ".join(DENSE_TRITON_TUNING) + "; no tag: all), speedups vs the best SDPA")
     p.add_argument("--indexer-fp8", action="store_true",
                    help="also select on float8_e4m3fn indexer keys: blocks differing from the "
                         "bf16 selection, kept mass, scoring / select times")

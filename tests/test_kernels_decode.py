@@ -579,6 +579,16 @@ def test_retrieval_union_matches_per_head_and_reference(td, name):
     assert [idx[i, :int(c)].tolist() for i, c in enumerate(cnt)] == want
 
 
+def test_union_tuning_options_are_checked():
+    pytest.importorskip("triton")
+    from kernels.triton_decode import TritonDecodeConfig
+
+    with pytest.raises(ValueError, match="union_num_stages"):
+        TritonDecodeConfig(union_num_stages=9)
+    with pytest.raises(ValueError, match="local_num_stages"):
+        TritonDecodeConfig(local_num_stages=0)
+
+
 @needs_triton
 def test_retrieval_union_empty_mask_and_in_place_rows(td):
     """An empty mask gives local semantics (sinks + window, token level: the engine's local heads
