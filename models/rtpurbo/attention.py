@@ -394,7 +394,9 @@ class RTPurboAttention(nn.Module):
     def _decode_rows(self, out_r, q, k, v, q_pre, k_pre, decode_from, ctx):
         """Evaluation without a KV cache (ctx.extras["decode_from"]): rows >= decode_from of the retrieval
         heads get decode semantics (per-row dynamic top-p from the indexer; models/rtpurbo/decode_rows.py),
-        the earlier rows keep prefill semantics. Appends the mean decode density to collect["decode_density"]."""
+        the earlier rows keep prefill semantics. Appends the mean decode density to collect["decode_density"].
+        ctx.extras["indexer_key_dtype"] (e.g. torch.float8_e4m3fn) rounds the indexer keys of those rows'
+        selection as an InferenceEngine indexer cache of that dtype stores them."""
         from models.rtpurbo.decode_rows import decode_rows_attention
 
         if ctx.doc_ids is not None:
@@ -404,7 +406,8 @@ class RTPurboAttention(nn.Module):
             rows, dens = decode_rows_attention(
                 _take(q, self.retrieval_list), k, v, qi, ki, self.indexer.kv_head_list, decode_from,
                 top_p=self.top_p, window=self.window, sinks=self.sinks, block_size=self.block_size,
-                top_k_blocks=int(ctx.extras.get("top_k_blocks", 0)))
+                top_k_blocks=int(ctx.extras.get("top_k_blocks", 0)),
+                indexer_key_dtype=ctx.extras.get("indexer_key_dtype"))
         if ctx.collect is not None:
             ctx.collect.setdefault("decode_density", []).append(float(dens.mean()))
         return torch.cat([out_r[:, :, :decode_from], rows.to(out_r.dtype)], dim=2)

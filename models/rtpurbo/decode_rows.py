@@ -12,6 +12,11 @@ n <= m; the forced blocks (holding a sink token or one of the last `window` posi
 their mass counts toward top_p; the free blocks are added by decreasing mass until forced + chosen reaches
 top_p (or, for the fixed-budget baseline, the top_k free blocks); exact attention over every token n <= m of
 the kept blocks with the real post-RoPE q/k/v.
+
+`indexer_key_dtype` emulates an indexer-key cache of that dtype (InferenceEngine(indexer_cache_dtype=...)):
+the keys are rounded as the cache stores them (float8_e4m3fn: models/inference/kv_cache.indexer_store_cast,
+unscaled, saturated to +-448) and read back in their own dtype; the queries are not rounded (the engine keeps
+them in the model dtype).
 """
 
 from __future__ import annotations
@@ -44,14 +49,20 @@ def topk_blocks(qi_row, ki, cache_lens, *, top_k: int, block_size: int, window: 
 
 @torch.no_grad()
 def decode_rows_attention(q_r, k, v, qi, ki, kv_head_of_r, decode_from: int, *, top_p: float, window: int,
-                          sinks: int, block_size: int, top_k_blocks: int = 0):
+                          sinks: int, block_size: int, top_k_blocks: int = 0,
+                          indexer_key_dtype: torch.dtype | None = None):
     """Outputs of the retrieval heads for rows decode_from..T-1 with decode semantics.
 
     q_r [B, Hr, T, D] (retrieval query heads), k/v [B, Hkv, T, D], qi/ki [B, Hr, T, r],
     kv_head_of_r: list of the kv head of each retrieval head. Returns (out [B, Hr, T - decode_from, D],
     density [Hr]): kept density = chosen free blocks / free blocks (valid, not forced) summed over the batch
     and the rows, the prefill definition (BlockSelection.density) over the decoded rows; NaN when no row had
-    a free block (the window and sinks covered everything)."""
+    a free block (the window and sinks covered everything). indexer_key_dtype: round ki as an indexer-key
+    cache of that dtype stores it (None: as computed)."""
+    if indexer_key_dtype is not None:
+        from models.inference.kv_cache import indexer_store_cast  # (lazy: the package imports the engine)
+
+        ki = indexer_store_cast(ki, indexer_key_dtype).to(ki.dtype)
     B, Hr, T, D = q_r.shape
     outs = []
     chosen = torch.zeros(Hr, dtype=torch.float64)

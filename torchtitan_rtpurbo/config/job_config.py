@@ -193,6 +193,10 @@ class Eval:
     perplexity_max_windows: int = 8  # seq_len windows scored in all (the longest documents come first)
     # Models of the comparison to leave out: dense is always run; streaming, duo, topk, rtpurbo_s1.
     skip_models: list[str] = field(default_factory=list)
+    # Also evaluate "rtpurbo_fp8": the stage-2 model with its decode rows' indexer keys rounded as the inference
+    # engine's float8_e4m3fn indexer cache stores them (indexer_cache_dtype="float8_e4m3fn"). Off: one more
+    # RTPurbo evaluation (no perplexity) would lengthen the CPU main job.
+    indexer_fp8: bool = False
 
 
 @dataclass

@@ -8,6 +8,8 @@ Models compared (those whose checkpoints exist):
   topk         RTPurbo stage 2 with a FIXED block budget per query equal to RTPurbo's mean kept blocks
   rtpurbo_s1   RTPurbo after stage 1 only (stage-1 export)
   rtpurbo      RTPurbo after stage 2 (rtpurbo.init_checkpoint)
+  rtpurbo_fp8  (eval.indexer_fp8) rtpurbo with its decode rows' indexer keys rounded as the engine's
+               float8_e4m3fn indexer cache stores them (InferenceEngine(indexer_cache_dtype="float8_e4m3fn"))
 RTPurbo models run the paper's inference scheme: prompt prefilled with retrieval heads dense, every
 generated token selecting blocks by dynamic top-p (models/rtpurbo/decode_rows.py).
 """
@@ -32,9 +34,10 @@ class DecodeEmulatingGenerator(GreedyGenerator):
     """Greedy decoding where rows from the last prompt token on use decode-time selection, and the kept
     density of those decode rows is reported."""
 
-    def __init__(self, model, tokenizer, *, device=None, top_k_blocks: int = 0):
+    def __init__(self, model, tokenizer, *, device=None, top_k_blocks: int = 0, indexer_key_dtype=None):
         super().__init__(model, tokenizer, device=device, density_fn=None)
         self.top_k_blocks = top_k_blocks
+        self.indexer_key_dtype = indexer_key_dtype  # e.g. torch.float8_e4m3fn: the engine's fp8 indexer cache
 
     @torch.no_grad()
     def __call__(self, prompts, max_new_tokens):
@@ -46,8 +49,8 @@ class DecodeEmulatingGenerator(GreedyGenerator):
         done = [False] * len(prompts)
         dens = []
         for _ in range(max_new_tokens):
-            ctx = AttentionContext(collect={}, extras={"decode_from": decode_from,
-                                                       "top_k_blocks": self.top_k_blocks})
+            ctx = AttentionContext(collect={}, extras={"decode_from": decode_from, "top_k_blocks": self.top_k_blocks,
+                                                       "indexer_key_dtype": self.indexer_key_dtype})
             logits = self._logits(x, ctx)
             for d in ctx.collect.get("decode_density", []):
                 if not math.isnan(d):
@@ -73,13 +76,15 @@ class TeacherForcedScorer:
     list (recall) tasks it is a lower bound (greedy might still recall later items). `emulate_decode`
     makes rows from the last prompt token on use decode-time selection (RTPurbo models)."""
 
-    def __init__(self, model, tokenizer, samples, *, device, emulate_decode: bool = False, top_k_blocks: int = 0):
+    def __init__(self, model, tokenizer, samples, *, device, emulate_decode: bool = False, top_k_blocks: int = 0,
+                 indexer_key_dtype=None):
         self.model = model
         self.device = device
         self.eos = int(tokenizer.eos_id)
         self.targets = {tuple(s.prompt_ids): list(tokenizer.encode(s.target)) for s in samples}
         self.emulate_decode = emulate_decode
         self.top_k_blocks = top_k_blocks
+        self.indexer_key_dtype = indexer_key_dtype
 
     @torch.no_grad()
     def __call__(self, prompts, max_new_tokens):
@@ -88,7 +93,8 @@ class TeacherForcedScorer:
         L = max(len(t) for t in targets)
         x = torch.tensor([p + t + [self.eos] * (L - len(t)) for p, t in zip(prompts, targets)],
                          dtype=torch.long, device=self.device)
-        extras = {"decode_from": P - 1, "top_k_blocks": self.top_k_blocks} if self.emulate_decode else {}
+        extras = {"decode_from": P - 1, "top_k_blocks": self.top_k_blocks,
+                  "indexer_key_dtype": self.indexer_key_dtype} if self.emulate_decode else {}
         ctx = AttentionContext(collect={}, extras=extras)
         h = self.model(x, ctx=ctx, return_hidden=True)
         pred = self.model.output(h[:, P - 1:P - 1 + L]).argmax(-1).tolist()
@@ -155,18 +161,21 @@ def run_comparison(cfg, device: torch.device) -> dict:
         models["rtpurbo_s1"] = DecodeEmulatingGenerator(m1, tok, device=device)
     if (stage2 / "config.json").is_file():
         models["rtpurbo"] = DecodeEmulatingGenerator(rt2, tok, device=device)
+        if ev.indexer_fp8:  # the same module, decode rows scored from fp8-rounded indexer keys
+            models["rtpurbo_fp8"] = DecodeEmulatingGenerator(rt2, tok, device=device,
+                                                             indexer_key_dtype=torch.float8_e4m3fn)
 
     if ev.scoring not in ("teacher_forced", "greedy"):
         raise ValueError(f"eval.scoring must be 'teacher_forced' or 'greedy', got {ev.scoring!r}")
-    modules = {}  # name -> (module, emulate_decode)
+    modules = {}  # name -> (module, emulate_decode, indexer_key_dtype)
     for name, m in models.items():
         if isinstance(m, DecodeEmulatingGenerator):
-            modules[name] = (m.model, True)
+            modules[name] = (m.model, True, m.indexer_key_dtype)
         else:
-            modules[name] = (m, False)
+            modules[name] = (m, False, None)
     if ev.scoring == "teacher_forced":
-        models = {name: TeacherForcedScorer(m, tok, samples, device=device, emulate_decode=emu)
-                  for name, (m, emu) in modules.items()}
+        models = {name: TeacherForcedScorer(m, tok, samples, device=device, emulate_decode=emu, indexer_key_dtype=kd)
+                  for name, (m, emu, kd) in modules.items()}
 
     def make_topk(k_blocks):
         m = modules["rtpurbo"][0]
@@ -174,7 +183,7 @@ def run_comparison(cfg, device: torch.device) -> dict:
             return TeacherForcedScorer(m, tok, samples, device=device, emulate_decode=True, top_k_blocks=k_blocks)
         return DecodeEmulatingGenerator(m, tok, device=device, top_k_blocks=k_blocks)
 
-    for m, _ in modules.values():
+    for m, _, _ in modules.values():
         m.eval()
     comparison = compare_models(models, tok, samples=samples, lengths=ev.lengths,
                                 samples_per_task=ev.samples_per_task, seed=ev.seed, device=device,
@@ -183,7 +192,9 @@ def run_comparison(cfg, device: torch.device) -> dict:
     if ev.perplexity_seq_len:
         from torchtitan_rtpurbo.evaluation.runner import perplexity
 
-        for name, (m, _) in modules.items():  # held-out stdlib "test" documents, same windows for all
+        for name, (m, _, kd) in modules.items():  # held-out stdlib "test" documents, same windows for all
+            if kd is not None:  # no decode rows in perplexity: it would repeat the unrounded model's
+                continue
             comparison["models"][name]["perplexity"] = perplexity(
                 m, tok, None, ev.perplexity_seq_len, ev.perplexity_max_docs, device=device, return_details=True,
                 max_windows=ev.perplexity_max_windows)
