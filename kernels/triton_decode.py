@@ -105,6 +105,12 @@ class TritonDecodeConfig:
     # ... by this many warps (H100, 1M, d 5%: select 134.1 us with 16 warps, 252.6 with 2, 259.1 with 1 warp
     # and 1024 candidates; few warps make each of the search's reductions long and serial)
     select_cand_warps: int = 16
+    # split select, heads whose candidates do not fit: with more than select_flat_min_cand candidates (flat
+    # indexer distributions) and a view of <= select_flat_tile blocks, the search keeps every block in
+    # registers (H100, 1M, d 65%: select 198.4 us vs 285.3 streamed; d 20%, ~3300 candidates: streamed
+    # 174.9 vs 198.4 resident). 0 disables.
+    select_flat_tile: int = 16384
+    select_flat_min_cand: int = 8192
     fused_reduction: bool = False  # split-K merge in the last program (atomic counter)
     search_arity: int = 4  # thresholds per pass of the top-p search (power of 2; 1 = bisection)
     overlap_local: bool = True  # CUDA: local heads on a side stream, beside select + retrieval
@@ -629,14 +635,17 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
                          BS: tl.constexpr, CTILE: tl.constexpr, NT_PAD: tl.constexpr,
                          SEARCH_K: tl.constexpr, TILE: tl.constexpr, MAX_2D: tl.constexpr,
                          WRITE_BITS: tl.constexpr, FT: tl.constexpr, FALLBACK: tl.constexpr,
-                         CAND_TILE: tl.constexpr, RESIDENT: tl.constexpr):
+                         CAND_TILE: tl.constexpr, RESIDENT: tl.constexpr, flat_min,
+                         FLAT_TILE: tl.constexpr):
     """Split select, pass 2 (one program per head), launched twice. FALLBACK False (select_cand_warps
     warps; 16 measured fastest, 2 twice as slow): if the candidates fit CAND_TILE (= TILE)
     and reach the target, gathers them (in block order) into registers, runs the threshold search
     there and writes the kept blocks (the tiles' zeroed mask / bits get their ones; the list is
     sinks, chosen, window: ascending); otherwise does nothing. FALLBACK True (the wide launch): for
     exactly the other heads, runs _select_head over all blocks (resident in one TILE or streamed),
-    which rewrites the whole row. Same rule, same result."""
+    which rewrites the whole row; a head with more than flat_min candidates (a flat distribution:
+    pruning keeps nearly every block) runs it with every block resident in one FLAT_TILE (>= the
+    view) instead. Same rule, same result."""
     bh = tl.program_id(0)
     L = tl.load(lens_ptr + bh // H).to(tl.int32)
     lse_row = lse_ptr + bh * n_blocks
@@ -655,9 +664,14 @@ def _select_split_kernel(lse_ptr, chunk_ptr, lens_ptr, z_ptr, part_ptr, mask_ptr
     fits = (n_cand <= CAND_TILE) & ((F_cand >= tgt) | keep_all)
     if FALLBACK:
         if not fits:
-            _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
-                         L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, TILE, RESIDENT,
-                         MAX_2D, WRITE_BITS)
+            if n_cand > flat_min:
+                _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
+                             L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, FLAT_TILE, True,
+                             MAX_2D, WRITE_BITS)
+            else:
+                _select_head(lse_row, chunk_ptr + bh * n_chunks, n_chunks, mask_row, idx_row, cnt_ptr + bh,
+                             L, n_blocks, top_p, window, sinks, bits_row, NW, BS, SEARCH_K, TILE, RESIDENT,
+                             MAX_2D, WRITE_BITS)
     elif fits:
         Z = tl.load(z_ptr + bh, cache_modifier=".cg")
         i = tl.arange(0, TILE)
@@ -1192,9 +1206,15 @@ def select_decode_blocks_triton(qi, ki_cache, cache_lens, *, top_p, block_size, 
         ckw = dict(BS=block_size, CTILE=ctile, NT_PAD=nt_pad, SEARCH_K=cfg.search_arity,
                    MAX_2D=cfg.select_max_2d, WRITE_BITS=write_bits, FT=128, CAND_TILE=cand_tile)
         _select_split_kernel[(rows,)](*common, **ckw, TILE=cand_tile, FALLBACK=False, RESIDENT=True,
-                                      num_warps=cfg.select_cand_warps)
+                                      flat_min=0, FLAT_TILE=cand_tile, num_warps=cfg.select_cand_warps)
+        # flat heads: every block resident when the view fits select_flat_tile (else that branch is
+        # compiled with the streaming tile and never taken)
+        flat_ok = cfg.select_flat_tile > 0 and nb <= cfg.select_flat_tile
+        flat = _pow2(nb) if flat_ok else tile
         _select_split_kernel[(rows,)](*common, **ckw, TILE=tile, FALLBACK=True, RESIDENT=nb <= tile,
-                                      num_warps=max(4, min(cfg.select_num_warps, tile // 256)))
+                                      flat_min=cfg.select_flat_min_cand if flat_ok else 2 ** 31 - 1,
+                                      FLAT_TILE=flat,
+                                      num_warps=max(4, min(cfg.select_num_warps, max(tile, flat) // 256)))
         if SPLIT_STATS_HOOK is not None:  # diagnostics (benchmarks): which path each head took
             SPLIT_STATS_HOOK(dict(n_cand=part[:, :n_tiles].sum(1), cand_mass=part[:, nt_pad:nt_pad + n_tiles].sum(1),
                                   forced_mass=part[:, 2 * nt_pad:2 * nt_pad + n_tiles].sum(1),

@@ -487,6 +487,7 @@ def run_decode_bench(args) -> list[dict]:
     }
     for tag, kw in UNION_TUNING.items():  # the default layer with a tuned union kernel
         configs[f"union_{tag}"] = C(**kw)
+    configs["noflat"] = C(select_flat_tile=0)  # flat heads' select streamed (before session 13)
     configs["local_s2"] = C(local_num_stages=2)  # window heads' kernel with 2 pipelining stages
     configs["local_s3"] = C(local_num_stages=None)  # ... with Triton's default (3), the default until session 13
     keep_cfg = getattr(args, "layer_configs", None)
@@ -510,6 +511,8 @@ def run_decode_bench(args) -> list[dict]:
                       # the wide program's blocks resident in registers up to 16K blocks (1M tokens): the
                       # fallback when the candidates do not fit (flat distributions), and the old one-program way
                       "ssel_k4_wide16k": C(select_wide_tile=16384),
+                      # fallback heads always streamed (the default before session 13's flat-head rule)
+                      "ssel_k4_noflat": C(select_flat_tile=0),
                       "ssel_k4_stream_wide16k": C(select_split=False, select_wide_tile=16384),
                       "ssel_k4_c4096_wide16k": C(select_cand_tile=4096, select_wide_tile=16384),
                       "ssel_k16": C(search_arity=16),

@@ -282,6 +282,41 @@ SPLIT_CASES = [  # (window, sinks, top_p, select_cand_tile, select_split_tile, p
 
 
 @needs_triton
+@pytest.mark.parametrize("case", [(0, 0, 0.99, 8, 4, 3.0, True), (23, 20, 0.99, 8, 2, 3.0, False),
+                                  (0, 0, 1.0, 8, 4, 3.0, False)], ids=str)
+def test_select_split_flat_heads_resident(td, case):
+    """Fallback heads with more than select_flat_min_cand candidates search with every block resident
+    (select_flat_tile >= the view) == the one-program select (mask, kept lists, bits); the flat path is
+    taken by some head (more candidates than the candidate tile and than flat_min), and a view larger than
+    select_flat_tile keeps the streamed fallback (same result)."""
+    window, sinks, p, ct, st, peak, with_bits = case
+    lens = torch.tensor([600, 517, 41])
+    qi, ki = indexer_inputs(3, 2, 600, peak=peak, seed=window + sinks + int(p * 10))
+    ki = poison_beyond(ki, lens)
+    kw = dict(block_size=BS, window=window, sinks=sinks, top_p=p)
+    c = dict(select_wide_tile=16, retrieval_union=True, union_max_blocks=0,
+             union_lists="fused" if with_bits else "kernel")
+    a = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(td, select_split=False, **c), **kw)
+    for flat_tile in (64, 32):  # 38 blocks: resident flat path / view too large for it
+        stats = []
+        td.SPLIT_STATS_HOOK = stats.append
+        try:
+            b = td.select_decode_blocks_triton(qi, ki, lens, config=cfg(
+                td, select_split=True, select_split_tile=st, select_cand_tile=ct, select_flat_tile=flat_tile,
+                select_flat_min_cand=4, **c), **kw)
+        finally:
+            td.SPLIT_STATS_HOOK = None
+        eff_ct = max(ct, 32 if with_bits else 1)  # the candidate tile (whole 32-block words with bits)
+        assert (stats[0]["n_cand"] > max(eff_ct, 4)).any()  # some head leaves the candidate path: flat
+        assert torch.equal(a.block_mask, b.block_mask) and torch.equal(a.kept_count, b.kept_count)
+        if with_bits:
+            assert torch.equal(a.block_bits, b.block_bits)
+        for row in range(6):
+            n = int(a.kept_count[row])
+            assert torch.equal(a.kept_idx[row, :n], b.kept_idx[row, :n])
+
+
+@needs_triton
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
 def test_select_split_equals_streaming_select(td, case):
     """select_split (a many-program candidate pass, then the search over the candidates in registers by
