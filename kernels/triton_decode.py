@@ -23,13 +23,16 @@ main stream; local and its merge on a side stream)
       select_cand_tile blocks: _candidates_kernel (grid <= 16 tiles x B*Hr: Z, the pruning
       candidates of its tile, tile partials, the tile's mask / bits zeroed), then
       _select_split_kernel twice: a 16-warp program per head searches the candidates in registers
-      when they fit; a wide one runs _select_head for the heads whose candidates do not.
+      when they fit; a wide one runs _select_head for the heads whose candidates do not (streamed,
+      or with every block in registers for flat heads: > select_flat_min_cand candidates).
       "Same output" as the one-program select (tested); measured faster at 1M (docs/kernels.md).
   _retrieval_attn_kernel  grid (splits, B*Hr): flash-decoding over the kept-block list, split
       evenly over `splits` programs so that one long sequence fills the GPU; the partial
       (max, sum, acc) are merged by _combine_kernel (or, fused_reduction, by the last program).
   _local_attn_kernel  grid (splits, B*Hkv_local): all query heads of one KV head at once (tl.dot,
-      the KV tile is read once per group), sinks + ring buffer split over programs, same merge.
+      the KV tile is read once per group), sinks + ring buffer split over programs, same merge;
+      launched with 1 software-pipelining stage (local_num_stages: faster than Triton's 3 on the
+      H100, where ~4 programs per SM already hide the load latency). Also the dense decode kernel.
   GQA-union retrieval (TritonDecodeConfig.retrieval_union; default RETRIEVAL_UNION_DEFAULT),
   instead of _retrieval_attn_kernel:
   _union_kernel  grid (B*NG,), NG = retrieval KV heads: the group's visit list = valid blocks that
@@ -107,8 +110,8 @@ class TritonDecodeConfig:
     select_cand_warps: int = 16
     # split select, heads whose candidates do not fit: with more than select_flat_min_cand candidates (flat
     # indexer distributions) and a view of <= select_flat_tile blocks, the search keeps every block in
-    # registers (H100, 1M, d 65%: select 198.4 us vs 285.3 streamed; d 20%, ~3300 candidates: streamed
-    # 174.9 vs 198.4 resident). 0 disables.
+    # registers (H100, 1M, same run: d 65% select 203.8 us vs 300.0 streamed; d 20%, ~3300 candidates:
+    # streamed 180.8 vs 211.3 resident, hence the 8192 floor). 0 disables.
     select_flat_tile: int = 16384
     select_flat_min_cand: int = 8192
     fused_reduction: bool = False  # split-K merge in the last program (atomic counter)
