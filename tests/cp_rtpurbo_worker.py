@@ -46,6 +46,9 @@ MODES = {  # name: (mode, prefill, stage2_retrieval, stage1_target)
     "stage1_topp": ("stage1", "dense", "dense", "topp"),
     "infer_sparse": ("infer", "sparse", "dense", "full"),
     "stage2_topp": ("stage2", "dense", "topp", "full"),
+    # the rotary indexer: each rank rotates its rows by their GLOBAL positions
+    "stage1_full_rope": ("stage1", "dense", "dense", "full", [3.0, 40.0]),
+    "stage2_dense_rope": ("stage2", "dense", "dense", "full", [3.0, 40.0]),
 }
 HEADS = {"whole_group": [2, 3], "shared_kv": [1, 6]}  # KV group 1 / heads sharing KV 0 and 3 with local heads
 
@@ -60,10 +63,11 @@ def doc_ids_for(T: int) -> torch.Tensor:
 
 
 def build(mode_name: str, retrieval: list[int], window: int, tile: int) -> tuple[RTPurboAttention, RTPurboAttention]:
-    mode, prefill, s2, target = MODES[mode_name]
+    mode, prefill, s2, target, *rope = MODES[mode_name]
     torch.manual_seed(1)
     ref = RTPurboAttention(n_heads=HQ, n_kv_heads=HKV, head_dim=D, retrieval_heads=retrieval, window=window,
                            sinks=2, top_p=0.6, block_size=4, q_block_size=8, prefill=prefill, indexer_dim=R,
+                           indexer_rope_periods=rope[0] if rope else None,
                            stage1_target=target, stage1_query_chunk=5, stage2_retrieval=s2, layer_id=0, dtype=DT)
     ref.mode = mode
     cpb = make_cp_aware(copy.deepcopy(ref))

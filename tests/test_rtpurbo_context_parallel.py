@@ -44,7 +44,7 @@ def test_cp_matches_single_process(nproc, tmp_path):
     assert p.stdout.count("CP_WORKER_OK") == nproc, p.stdout[-3000:]
     for r in range(nproc):
         rep = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert len(rep["cases"]) == 48
+        assert len(rep["cases"]) == 64  # 2 head sets x 2 doc layouts x 8 modes (2 with the rotary indexer) x 2 windows
         hd = rep["halo_vs_dense"]
         assert 0 < 20 * hd["halo_sinks"] < hd["dense_kv"]
 

@@ -550,7 +550,7 @@ class InferenceEngine:
             cache.k[li][:, :, c0:c1] = k[:, p.full_kv]
             cache.v[li][:, :, c0:c1] = v[:, p.full_kv]
         if p.retrieval:
-            _, ki = attn.inner_attention.indexer(q_pre, k_pre)
+            _, ki = attn.inner_attention.indexer(q_pre, k_pre, positions=pos)
             cache.store_indexer_keys(li, (slice(None), slice(None), slice(c0, c1)), ki)
         heads_f = p.retrieval + p.local_full
         if heads_f:
@@ -641,7 +641,7 @@ class InferenceEngine:
         K = cache.k[li][:, :, :L] if p.full_kv else None
         V = cache.v[li][:, :, :L] if p.full_kv else None
         if p.retrieval:
-            qi, ki = attn.inner_attention.indexer(q_pre, k_pre)
+            qi, ki = attn.inner_attention.indexer(q_pre, k_pre, positions=pos[:, None])
             cache.store_indexer_keys(li, (ar, slice(None), pos), ki[:, :, 0])
             mask = sd.select_decode_blocks(qi[:, :, 0], cache.ki[li][:, :, :L], lens1, top_p=p.top_p,
                                            block_size=p.block_size, window=p.window, sinks=p.sinks, impl=self.impl)
@@ -853,6 +853,8 @@ class InferenceEngine:
             kh = _take(k_pre, 1, ix.ix_kv).to(ixm.wk.dtype)
             qi = torch.einsum("bhtd,hrd->bhtr", qh, ixm.wq)  # = LayerIndexer.forward, without list indexing
             ki = torch.einsum("bhtd,hrd->bhtr", kh, ixm.wk)
+            if ixm.rope_periods is not None:  # the rotary indexer: both at the new token's position
+                qi, ki = ixm.rotate(qi, pos[:, None]), ixm.rotate(ki, pos[:, None])
             cache.store_indexer_keys(li, (ar, slice(None), pos), ki[:, :, 0])  # (fp8: saturating cast)
             qi1, ki_view = qi[:, :, 0], cache.ki[li][:, :, :Lv]
             if self.record_indexer_queries is not None:  # benchmarks (eager steps only, never in a graph)

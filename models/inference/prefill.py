@@ -176,7 +176,7 @@ def prefill_layer(eng, li: int, x: torch.Tensor, lens: Sequence[int], *, proj_ch
         q, k, v, q_pre, k_pre = eng._qkv(attn, h, pos)
         qo[:, :, c0:c1], k_all[:, :, c0:c1], v_all[:, :, c0:c1] = q, k, v
         if retr:
-            qi, ki = attn.inner_attention.indexer(q_pre, k_pre)
+            qi, ki = attn.inner_attention.indexer(q_pre, k_pre, positions=pos)
             cache.store_indexer_keys(li, (slice(None), slice(None), slice(c0, c1)), ki)  # fp8: saturating cast
             if qi_all is not None:
                 qi_all[:, :, c0:c1] = qi

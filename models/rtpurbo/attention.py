@@ -283,6 +283,7 @@ class RTPurboAttention(nn.Module):
         q_block_size: int = 128,
         prefill: str = "dense",
         indexer_dim: int = 16,
+        indexer_rope_periods: Sequence[float] | None = None,
         stage1_target: str = "full",
         stage1_query_chunk: int = 256,
         stage2_retrieval: str = "dense",
@@ -322,7 +323,7 @@ class RTPurboAttention(nn.Module):
         self._inv_perm = None if inv == list(range(n_heads)) else inv
         self.indexer = (
             LayerIndexer(retrieval, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                         indexer_dim=indexer_dim, device=device, dtype=dtype)
+                         indexer_dim=indexer_dim, rope_periods=indexer_rope_periods, device=device, dtype=dtype)
             if retrieval else None
         )
 
@@ -462,7 +463,7 @@ def rtpurbo_backend_from_config(cfg, *, layer_id: int, retrieval_heads: Sequence
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, retrieval_heads=retrieval_heads,
         window=cfg.window, sinks=cfg.sinks, top_p=cfg.top_p, block_size=cfg.block_size,
         q_block_size=int(getattr(cfg, "q_block_size", 128)), prefill=cfg.prefill, indexer_dim=cfg.indexer_dim,
-        stage1_target=cfg.stage1_target, stage1_query_chunk=cfg.stage1_query_chunk,
+        indexer_rope_periods=list(getattr(cfg, "indexer_rope_periods", None) or []), stage1_target=cfg.stage1_target, stage1_query_chunk=cfg.stage1_query_chunk,
         stage2_retrieval=cfg.stage2_retrieval, select_mode=str(getattr(cfg, "select_mode", "mean")),
         layer_id=layer_id, device=device, dtype=dtype,
     )

@@ -352,7 +352,8 @@ class ContextParallelRTPurboAttention(RTPurboAttention):
     def _cp_stage1(self, q, k, q_pre, k_pre, cp: CPContext, collect: dict) -> None:
         if q_pre is None or k_pre is None:
             raise ValueError("stage 1 needs q_pre / k_pre (pre-RoPE q and k) for the indexer")
-        qi, ki = self.indexer(q_pre.detach(), k_pre.detach())
+        # (the rotary indexer rotates each local row by its global position)
+        qi, ki = self.indexer(q_pre.detach(), k_pre.detach(), positions=cp.layout.local_positions(q_pre.device))
         ki_full = all_gather_sequence(ki, cp, dim=2, kind="indexer_keys")  # grad -> wk on the owner ranks
         kvs = _kv_of(self.retrieval_list, self.group)
         k_kv = all_gather_sequence(_take(k.detach(), kvs).contiguous(), cp, dim=2, kind="retrieval_k")
@@ -380,6 +381,10 @@ class ContextParallelRTPurboAttention(RTPurboAttention):
         if q_pre is None or k_pre is None:
             raise ValueError("sparse retrieval needs q_pre / k_pre (pre-RoPE q and k) for the indexer")
         T, B = cp.layout.T, q.shape[0]
+        if self.indexer.rope_periods is not None:
+            # measured: CP vs one process differed by ~2e-7 (fp64) on packed documents; not yet understood
+            raise NotImplementedError("rtpurbo.indexer_rope_periods with context parallelism and rtpurbo.prefill="
+                                      "'sparse' is not supported (stage 1 and dense prefill are)")
         with torch.no_grad():
             qi, ki = self.indexer(q_pre.detach(), k_pre.detach())
             ki_full = all_gather_sequence(ki, cp, dim=2, kind="indexer_keys")

@@ -93,11 +93,38 @@ def svd_indexer_init(
     return Wq, Wk
 
 
+def indexer_rope_inv_freq(indexer_dim: int, periods: Sequence[float], device=None) -> torch.Tensor:
+    """Angular frequencies [r/2] of the rotary indexer: one per rotate-half pair, periods (in tokens) spaced
+    geometrically from periods[0] to periods[1]."""
+    p = torch.logspace(math.log10(float(periods[0])), math.log10(float(periods[1])), indexer_dim // 2,
+                       dtype=torch.float32, device=device)
+    return (2 * math.pi) / p
+
+
+def check_rope_periods(periods, indexer_dim: int) -> tuple[float, float] | None:
+    """rtpurbo.indexer_rope_periods -> (min, max) or None (empty: the paper's position-free indexer)."""
+    if not periods:
+        return None
+    if len(periods) != 2 or not 0 < float(periods[0]) <= float(periods[1]):
+        raise ValueError(f"rtpurbo.indexer_rope_periods must be [] or [min, max] with 0 < min <= max tokens, "
+                         f"got {list(periods)}")
+    if indexer_dim % 2:
+        raise ValueError(f"rtpurbo.indexer_rope_periods needs an even indexer_dim, got {indexer_dim}")
+    return float(periods[0]), float(periods[1])
+
+
 class LayerIndexer(nn.Module):
     """Selector projections of the Hr retrieval query heads of one layer.
 
-    wq, wk: [Hr, r, D]. forward(q_pre [B, Hq, T, D], k_pre [B, Hkv, T, D]) -> (qi, ki) [B, Hr, T, r].
-    `heads` are query-head indices; head h reads KV head h // (Hq // Hkv).
+    wq, wk: [Hr, r, D]. forward(q_pre [B, Hq, T, D], k_pre [B, Hkv, T, D], positions=None) -> (qi, ki)
+    [B, Hr, T, r]. `heads` are query-head indices; head h reads KV head h // (Hq // Hkv).
+
+    rope_periods (min, max) (rtpurbo.indexer_rope_periods; None = the paper's indexer): the projected qi / ki
+    are rotated by their token position (rotate-half over the r dims, r/2 periods from min to max tokens,
+    geometric), so a score depends on the distance n - m as well as on content: qi_m . ki_n =
+    (W_Q q_m)^T R(n - m) (W_K k_n). The projections still read pre-RoPE q / k; the rotation is the indexer's
+    own, slow enough (periods >= a few hundred tokens) to model how attention decays with distance beyond
+    the window. Caches store the rotated keys, so the decode kernels are unchanged.
     """
 
     def __init__(
@@ -108,10 +135,12 @@ class LayerIndexer(nn.Module):
         n_kv_heads: int,
         head_dim: int,
         indexer_dim: int = 16,
+        rope_periods: Sequence[float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.rope_periods = check_rope_periods(rope_periods, indexer_dim)
         heads = [int(h) for h in heads]
         if not heads:
             raise ValueError("LayerIndexer needs at least one retrieval head")
@@ -148,12 +177,34 @@ class LayerIndexer(nn.Module):
         nn.init.normal_(self.wq, std=self.init_std)
         nn.init.normal_(self.wk, std=self.init_std)
 
-    def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: the tokens' positions, [T] or [B, T] (None: 0..T-1); used by the rotary indexer only."""
         qh = q_pre[:, self.head_list].to(self.wq.dtype)
         kh = k_pre[:, self.kv_head_list].to(self.wk.dtype)
         qi = torch.einsum("bhtd,hrd->bhtr", qh, self.wq)
         ki = torch.einsum("bhtd,hrd->bhtr", kh, self.wk)
+        if self.rope_periods is not None:
+            if positions is None:
+                positions = torch.arange(qi.shape[2], device=qi.device)
+            qi, ki = self.rotate(qi, positions), self.rotate(ki, positions)
         return qi, ki
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, r] at positions [T] or [B, T] -> rotated (fp32 math, fp64 for fp64 x; x's dtype);
+        identity without rope."""
+        if self.rope_periods is None:
+            return x
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv = indexer_rope_inv_freq(self.indexer_dim, self.rope_periods, device=x.device).to(dt)
+        pos = positions.to(device=x.device, dtype=dt)
+        ang = pos[..., None] * inv  # [T, r/2] or [B, T, r/2]
+        ang = ang[None, None] if ang.dim() == 2 else ang[:, None]
+        c, s = ang.cos(), ang.sin()
+        h = self.indexer_dim // 2
+        xf = x.to(dt)
+        x1, x2 = xf[..., :h], xf[..., h:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
 
     @torch.no_grad()
     def init_from_samples(
@@ -169,4 +220,5 @@ class LayerIndexer(nn.Module):
             self.wk[j].copy_(Wk.to(self.wk.dtype))
 
     def extra_repr(self) -> str:
-        return f"heads={self.head_list}, r={self.indexer_dim}, head_dim={self.head_dim}"
+        rope = f", rope_periods={self.rope_periods}" if self.rope_periods is not None else ""
+        return f"heads={self.head_list}, r={self.indexer_dim}, head_dim={self.head_dim}{rope}"

@@ -144,6 +144,9 @@ class RTPurbo:
     # Indexer
     indexer_dim: int = 16
     indexer_init: str = "svd"  # "svd" (from the head's own pre-RoPE q/k) or "random"
+    # [] = the paper's position-free indexer; [min, max] = rotary indexer: qi / ki rotated by position with
+    # indexer_dim / 2 periods from min to max tokens (models/rtpurbo/indexer.py; docs/results.md 4h)
+    indexer_rope_periods: list[float] = field(default_factory=list)
     top_p: float = 0.9
     block_size: int = 64
     q_block_size: int = 128  # query-block granularity of sparse prefill selection (FlexAttention's Q block)
