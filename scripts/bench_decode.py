@@ -485,14 +485,14 @@ def run_decode_bench(args) -> list[dict]:
         "no_overlap": C(overlap_local=False),
         "fused_all": C(fused_select=True, fused_reduction=True),
     }
-    for tag, kw in UNION_TUNING.items():  # the default layer with a tuned union kernel
-        configs[f"union_{tag}"] = C(**kw)
-    configs["noflat"] = C(select_flat_tile=0)  # flat heads' select streamed (before session 13)
-    configs["local_s2"] = C(local_num_stages=2)  # window heads' kernel with 2 pipelining stages
-    configs["local_s3"] = C(local_num_stages=None)  # ... with Triton's default (3), the default until session 13
+    # tuning variants of the default layer: timed only when named in --layer-configs
+    tuning = {f"union_{tag}": C(**kw) for tag, kw in UNION_TUNING.items()}  # a tuned union kernel
+    tuning["noflat"] = C(select_flat_tile=0)  # flat heads' select streamed (before session 13)
+    tuning["local_s2"] = C(local_num_stages=2)  # window heads' kernel with 2 pipelining stages
+    tuning["local_s3"] = C(local_num_stages=None)  # ... with Triton's default (3), the default until session 13
     keep_cfg = getattr(args, "layer_configs", None)
     if keep_cfg:
-        configs = {k: v for k, v in configs.items() if k == "default" or k in keep_cfg}
+        configs = {k: v for k, v in {**configs, **tuning}.items() if k == "default" or k in keep_cfg}
     parts = set(getattr(args, "parts", None) or PARTS)
     layer_kinds = set(getattr(args, "layers", None) or ["1of4", "0of4"])
     overlaps = [float(x) for x in (getattr(args, "head_overlap", None) or [0.0])]
@@ -880,7 +880,8 @@ def main(argv=None):
     p.add_argument("--layers", nargs="+", default=["1of4", "0of4"], choices=["1of4", "0of4"])
     p.add_argument("--layer-configs", nargs="+", default=None,
                    help="whole-layer configs to time besides 'default' (union / per_head, "
-                        "union_fastlists, no_overlap, fused_all; default: all)")
+                        "union_fastlists, no_overlap, fused_all; default: these; tuning variants only when "
+                        "named: union_<tag> for the tags of UNION_TUNING, noflat, local_s2, local_s3)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
                    help="part timings to run (default: all)")
     p.add_argument("--retrieval-variants", nargs="+", default=None,
