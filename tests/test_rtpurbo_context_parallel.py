@@ -148,3 +148,16 @@ def test_comm_model_at_1m_tokens():
             assert (r <= 0.25) == (name == "kv-granular 15%"), (cp, name, r)
             rs = comm_model_bytes(T=T, cp=cp, **shape, **sc, selected_fraction=0.1)["ratio_sparse"]
             assert rs <= 0.25, (cp, name, rs)
+
+
+def test_rotary_indexer_sparse_prefill_under_cp_is_refused():
+    """rtpurbo.indexer_rope_periods + prefill="sparse" under context parallelism: a clear NotImplementedError
+    before any communication (stage 1 / 2 and dense prefill run and match one process: the worker's cases)."""
+    ref = RTPurboAttention(n_heads=8, n_kv_heads=4, head_dim=16, retrieval_heads=[2, 3], window=5, sinks=2,
+                           block_size=4, q_block_size=8, prefill="sparse", indexer_dim=4,
+                           indexer_rope_periods=[3.0, 40.0], layer_id=0)
+    cpb = make_cp_aware(ref)
+    x = torch.randn(1, 8, 19, 16)
+    kv = torch.randn(1, 4, 19, 16)
+    with pytest.raises(NotImplementedError, match="indexer_rope_periods"):
+        cpb._cp_sparse(x, kv, kv, x, kv, _cp_ctx(37, 2, 0), None)
