@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 IntList = Union[Sequence[int], torch.Tensor]
 
 __all__ = [
+    "topp_extra",
     "DecodeOutput",
     "dense_decode_reference",
     "dense_decode",
@@ -302,7 +303,7 @@ def decode_forced_blocks(cache_lens, n_blocks, *, block_size, window, sinks):
     return valid & (sink | win), valid
 
 
-def _topp_extra(mass, free, target):
+def topp_extra(mass, free, target):
     """Prefill rule on the free blocks (kernels/block_select.topp_keep_reference, in mass's own
     dtype): keep a free block iff its mass is > 0 and the free mass ranked ahead of it (descending,
     ties by lower index: a stable sort) is < target."""
@@ -325,7 +326,7 @@ def select_decode_blocks_reference(qi, ki_cache, cache_lens, *, top_p, block_siz
     if top_p >= 1.0:
         return valid.clone()
     target = top_p - torch.where(forced, mass, 0).sum(-1)  # top_p <= 0: target <= 0, no extra
-    return forced | _topp_extra(mass, valid & ~forced, target)
+    return forced | topp_extra(mass, valid & ~forced, target)
 
 
 def decode_block_density(block_mask, cache_lens, *, block_size, window, sinks):

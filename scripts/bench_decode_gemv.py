@@ -73,6 +73,18 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(f"  {name:<36} {row['us']:8.2f} us {row['gbps'] or 0:7.0f} GB/s  err {err:.1e}", flush=True)
 
+    def add_checked(name, fn, ref, nbytes, **extra):
+        """Time a variant only if it runs and matches its reference (else print why and skip it)."""
+        try:
+            err = rel_err(fn(), ref)
+        except Exception as e:  # a tile / config that does not compile
+            print(f"  {name}: ERROR {type(e).__name__}: {str(e)[:160]}", flush=True)
+            return
+        if not err < 2e-2:
+            print(f"  {name}: CHECK FAILED rel err {err:.2e}", flush=True)
+            return
+        add(name, fn, nbytes, err, **extra)
+
     scale = args.shape_scale
     for sname, sh in SHAPES.items():
         N, K = max(1, sh["N"] // scale), max(16, sh["K"] // scale)
@@ -92,16 +104,8 @@ def run(args) -> list[dict]:
         variants = [("auto", None, 4)] + [(f"{bn}x{bk}w{nwp}", (1, bn, bk), nwp) for bn, bk, nwp in GEMV_TILES]
         for tag, tiles, warps in variants:
             fn = lambda tiles=tiles, warps=warps: fd.norm_linear(x, w, tiles=tiles, num_warps=warps, **kw)  # noqa: E731
-            try:
-                err = rel_err(fn(), ref)
-            except Exception as e:  # a tile that does not compile
-                print(f"  gemv_{sname}_{tag}: ERROR {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            if not err < 2e-2:
-                print(f"  gemv_{sname}_{tag}: CHECK FAILED rel err {err:.2e}", flush=True)
-                continue
-            add(f"gemv_{sname}_{tag}", fn, nbytes, err, shape=sname,
-                tiles=list(tiles or fd.linear_tiles(1, N, K, dev)), num_warps=warps)
+            add_checked(f"gemv_{sname}_{tag}", fn, ref, nbytes, shape=sname,
+                        tiles=list(tiles or fd.linear_tiles(1, N, K, dev)), num_warps=warps)
 
     E, H, D = EXPERTS, max(16, HIDDEN // scale), max(16, DIM // scale)
     x = rnd(1, D)
@@ -111,22 +115,14 @@ def run(args) -> list[dict]:
     res = rnd(1, D)
     ids = torch.randperm(E, device=dev, generator=g)[:TOPK].to(torch.int32)[None]
     wts = torch.softmax(torch.randn(1, TOPK, device=dev, generator=g), -1).to(dt)
-    f32 = lambda t: t.float()  # noqa: E731
-    ref = md.moe_decode_reference(f32(x), ids, f32(wts), f32(w1), f32(w3), f32(w2), norm_weight=f32(nw), residual=f32(res))
+    ref = md.moe_decode_reference(x.float(), ids, wts.float(), w1.float(), w3.float(), w2.float(),
+                                  norm_weight=nw.float(), residual=res.float())
     nbytes = md.moe_decode_bytes(1, TOPK, D, H, esize, distinct_experts=TOPK)
     print(f"moe: E {E}, top {TOPK}, D {D}, H {H}, {nbytes / 1e6:.1f} MB", flush=True)
     for tag, kw in MOE_VARIANTS.items():
         c = replace(md.DEFAULT_CONFIG, **kw)
         fn = lambda c=c: md.moe_decode(x, ids, wts, w1, w3, w2, norm_weight=nw, residual=res, config=c)  # noqa: E731
-        try:
-            err = rel_err(fn(), ref)
-        except Exception as e:
-            print(f"  moe_{tag}: ERROR {type(e).__name__}: {str(e)[:160]}", flush=True)
-            continue
-        if not err < 2e-2:
-            print(f"  moe_{tag}: CHECK FAILED rel err {err:.2e}", flush=True)
-            continue
-        add(f"moe_{tag}", fn, nbytes, err, config=asdict(c))
+        add_checked(f"moe_{tag}", fn, ref, nbytes, config=asdict(c))
     return rows
 
 

@@ -9,15 +9,16 @@ import torch
 
 from models.rtpurbo.export import config_from_section
 from models.rtpurbo.indexer import LayerIndexer, check_rope_periods, indexer_rope_inv_freq
-from tests.test_inference import prompt, rtpurbo_copy  # noqa: F401  (fixtures below reuse its model)
+from tests.test_inference import prompt, rtpurbo_copy, rtpurbo_roles_cfg
 from tests.test_inference import dense  # noqa: F401  pytest fixture
-from torchtitan_rtpurbo.config.job_config import RTPurbo
+
+# the rotary-indexer conversion of the debug model used by the model-level tests below
+ROPE = dict(window=4, sinks=2, top_p=0.5, block_size=4, indexer_rope_periods=[3.0, 40.0])
 
 
 def _indexer(periods, seed=0):
     torch.manual_seed(seed)
-    ix = LayerIndexer([0, 3, 5], n_heads=8, n_kv_heads=4, head_dim=16, indexer_dim=8, rope_periods=periods)
-    return ix
+    return LayerIndexer([0, 3, 5], n_heads=8, n_kv_heads=4, head_dim=16, indexer_dim=8, rope_periods=periods)
 
 
 def test_scores_depend_on_distance_not_absolute_position():
@@ -46,7 +47,8 @@ def test_rotation_keeps_norms_and_positions_default_to_arange():
     qi, ki = ix(q_pre, k_pre)
     torch.testing.assert_close(qi.norm(dim=-1), qp.norm(dim=-1), atol=1e-5, rtol=1e-5)
     q2, k2 = ix(q_pre, k_pre, positions=torch.arange(12).expand(2, 12))  # [B, T] positions
-    torch.testing.assert_close(q2, qi) and torch.testing.assert_close(k2, ki)
+    torch.testing.assert_close(q2, qi)
+    torch.testing.assert_close(k2, ki)
     torch.testing.assert_close(qi[:, :, 0], qp[:, :, 0])  # position 0: no rotation
     assert not torch.allclose(qi[:, :, 5], qp[:, :, 5])
     torch.testing.assert_close(_indexer(None)(q_pre, k_pre, positions=torch.arange(12) + 5)[0],
@@ -69,7 +71,8 @@ def test_checkpoint_keeps_the_periods(dense, tmp_path):  # noqa: F811
     section without the key loads the position-free indexer."""
     from models.rtpurbo.export import load_rtpurbo_checkpoint, save_rtpurbo_checkpoint
 
-    rt, roles, cfg = _rope_model(dense, with_roles=True)
+    rt = rtpurbo_copy(dense, **ROPE)
+    roles, cfg = rtpurbo_roles_cfg(**ROPE)
     save_rtpurbo_checkpoint(rt, roles, cfg, str(tmp_path / "ck"))
     _, back, _, sec = load_rtpurbo_checkpoint(str(tmp_path / "ck"))
     assert sec["indexer_rope_periods"] == [3.0, 40.0]
@@ -82,22 +85,6 @@ def test_checkpoint_keeps_the_periods(dense, tmp_path):  # noqa: F811
     assert config_from_section({"window": 8}).indexer_rope_periods == []
 
 
-def _rope_model(dense_model, with_roles=False):
-    import copy
-
-    from models.rtpurbo.convert import apply_rtpurbo
-    from models.rtpurbo.roles import HeadRoles
-    from tests.test_inference import RETRIEVAL
-
-    m = copy.deepcopy(dense_model)
-    flags = [[h in r for h in range(8)] for r in RETRIEVAL]
-    roles = HeadRoles(scores=[[float(x) for x in row] for row in flags], retrieval=flags, window=4, sinks=2)
-    cfg = RTPurbo(window=4, sinks=2, top_p=0.5, block_size=4, indexer_dim=8, indexer_rope_periods=[3.0, 40.0])
-    torch.manual_seed(1)
-    apply_rtpurbo(m, roles, cfg, check=False)
-    return (m.eval(), roles, cfg) if with_roles else m.eval()
-
-
 @pytest.mark.parametrize("static", [False, True])
 def test_engine_decode_matches_emulation_with_rotary_indexer(dense, static):  # noqa: F811
     """Chunked prefill + decode (eager, and the graph-safe static step) == the model's no-cache decode
@@ -105,7 +92,7 @@ def test_engine_decode_matches_emulation_with_rotary_indexer(dense, static):  # 
     from models.attention import AttentionContext
     from models.inference.engine import InferenceEngine
 
-    rt = _rope_model(dense)
+    rt = rtpurbo_copy(dense, **ROPE)
     p = prompt(30, 5)
     kw = dict(max_len=64, chunk_size=8, static_decode=static)
     res = InferenceEngine(rt, **kw).generate([p], max_new_tokens=8)

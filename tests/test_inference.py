@@ -26,11 +26,17 @@ def dense():
     return build_model(get_flavor("debug")).eval()
 
 
-def rtpurbo_copy(model, *, window, sinks=2, top_p=1.0, block_size=8):
-    m = copy.deepcopy(model)
+def rtpurbo_roles_cfg(*, window, sinks=2, top_p=1.0, block_size=8, **cfg_kw):
+    """(roles, RTPurbo config) of the test conversions: RETRIEVAL heads, indexer_dim 8 (+ cfg_kw)."""
     flags = [[h in r for h in range(8)] for r in RETRIEVAL]
     roles = HeadRoles(scores=[[float(x) for x in row] for row in flags], retrieval=flags, window=window, sinks=sinks)
-    cfg = RTPurbo(window=window, sinks=sinks, top_p=top_p, block_size=block_size, indexer_dim=8)
+    cfg = RTPurbo(window=window, sinks=sinks, top_p=top_p, block_size=block_size, indexer_dim=8, **cfg_kw)
+    return roles, cfg
+
+
+def rtpurbo_copy(model, *, window, sinks=2, top_p=1.0, block_size=8, **cfg_kw):
+    m = copy.deepcopy(model)
+    roles, cfg = rtpurbo_roles_cfg(window=window, sinks=sinks, top_p=top_p, block_size=block_size, **cfg_kw)
     torch.manual_seed(1)
     apply_rtpurbo(m, roles, cfg, check=False)
     return m.eval()

@@ -463,7 +463,8 @@ def rtpurbo_backend_from_config(cfg, *, layer_id: int, retrieval_heads: Sequence
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, retrieval_heads=retrieval_heads,
         window=cfg.window, sinks=cfg.sinks, top_p=cfg.top_p, block_size=cfg.block_size,
         q_block_size=int(getattr(cfg, "q_block_size", 128)), prefill=cfg.prefill, indexer_dim=cfg.indexer_dim,
-        indexer_rope_periods=list(getattr(cfg, "indexer_rope_periods", None) or []), stage1_target=cfg.stage1_target, stage1_query_chunk=cfg.stage1_query_chunk,
+        indexer_rope_periods=list(getattr(cfg, "indexer_rope_periods", None) or []),
+        stage1_target=cfg.stage1_target, stage1_query_chunk=cfg.stage1_query_chunk,
         stage2_retrieval=cfg.stage2_retrieval, select_mode=str(getattr(cfg, "select_mode", "mean")),
         layer_id=layer_id, device=device, dtype=dtype,
     )

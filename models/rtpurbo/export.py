@@ -25,7 +25,8 @@ from models.rtpurbo.roles import HeadRoles
 
 SECTION_FORMAT = "rtpurbo/1"
 _CFG_KEYS = ("granularity", "retrieval_ratio", "retrieval_threshold", "window", "sinks", "indexer_dim",
-             "indexer_rope_periods", "indexer_init", "top_p", "block_size", "prefill", "stage1_target", "stage2_retrieval")
+             "indexer_rope_periods", "indexer_init", "top_p", "block_size", "prefill", "stage1_target",
+             "stage2_retrieval")
 
 
 def _key(i: int, name: str) -> str:

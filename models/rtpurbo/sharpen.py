@@ -40,6 +40,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from kernels.sparse_decode import decode_forced_blocks, topp_extra
+
 logger = logging.getLogger("torchtitan_rtpurbo")
 
 SHARPEN_MODES = ("none", "calibrate")
@@ -78,27 +80,6 @@ def _block_sums(p: torch.Tensor, block_size: int) -> torch.Tensor:
     nb = -(-n // block_size)
     p = torch.nn.functional.pad(p, (0, nb * block_size - n))
     return p.unflatten(-1, (nb, block_size)).sum(-1)
-
-
-def _forced_valid(lens: torch.Tensor, n_blocks: int, *, block_size: int, window: int, sinks: int):
-    """(forced, valid) bool [C, n_blocks] for queries at positions lens - 1: the decode rule's forced blocks
-    (kernels/sparse_decode.py decode_forced_blocks)."""
-    L = lens[:, None]
-    start = torch.arange(n_blocks, device=lens.device)[None, :] * block_size
-    valid = start < L
-    sink = start < torch.clamp(L, max=sinks)
-    win = (start + block_size > torch.clamp(L - window, min=0)) if window > 0 else torch.zeros_like(valid)
-    return valid & (sink | win), valid
-
-
-def _topp_extra(mass: torch.Tensor, free: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Free blocks kept by the prefill/decode rule: mass > 0 and the free mass ranked ahead (descending,
-    ties: lower index first) < target."""
-    free_mass = torch.where(free, mass, 0.0)
-    sorted_mass, order = torch.sort(free_mass, dim=-1, descending=True, stable=True)
-    before = torch.cumsum(sorted_mass, dim=-1) - sorted_mass
-    keep_sorted = (before < target[..., None]) & (sorted_mass > 0)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & free
 
 
 @torch.no_grad()
@@ -143,7 +124,7 @@ def selection_mass_stats(
         c1 = min(c0 + chunk, T)
         lens = torch.arange(c0 + 1, c1 + 1, device=dev)  # query m sees keys n < m + 1
         nb = -(-c1 // block_size)
-        forced, valid = _forced_valid(lens, nb, block_size=block_size, window=window, sinks=sinks)  # [C, nb]
+        forced, valid = decode_forced_blocks(lens, nb, block_size=block_size, window=window, sinks=sinks)  # [C, nb]
         free = valid & ~forced
         has_free = free.any(-1)  # [C]
         if not bool(has_free.any()):
@@ -161,14 +142,14 @@ def selection_mass_stats(
                 extra = free.expand_as(mass)
             else:
                 target = top_p - torch.where(forced, mass, 0.0).sum(-1)
-                extra = _topp_extra(mass, free, target)
+                extra = topp_extra(mass, free, target)
             kept = forced | extra
             chosen[i] += extra.sum(-1).double().sum(dim=(0, 2))
             captured[i] += ((p_true * kept).sum(-1).double() * row_w).sum(dim=(0, 2))
         if top_p >= 1.0:
             extra = free.expand_as(p_true)
         else:
-            extra = _topp_extra(p_true, free, top_p - torch.where(forced, p_true, 0.0).sum(-1))
+            extra = topp_extra(p_true, free, top_p - torch.where(forced, p_true, 0.0).sum(-1))
         o_chosen += extra.sum(-1).double().sum(dim=(0, 2))
         o_captured += ((p_true * (forced | extra)).sum(-1).double() * row_w).sum(dim=(0, 2))
     return dict(chosen=chosen, free=free_tot, captured=captured, rows=rows_tot, oracle_chosen=o_chosen,
